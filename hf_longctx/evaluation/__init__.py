@@ -1,0 +1,1 @@
+"""Evaluation: perplexity vs context length, passkey retrieval, streaming perplexity, plots."""

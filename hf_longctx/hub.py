@@ -1,0 +1,206 @@
+"""Save, load and push patched models, with a model card that says what was patched.
+
+``save_pretrained`` writes the model with transformers (safetensors only) and a config.json
+that is the native checkpoint wherever a patch has a native form (scaled ``rope_parameters``,
+``sliding_window``): plain ``AutoModelForCausalLM.from_pretrained`` gives identical logits
+for those. It also records ``hf_longctx`` (the applied sections) and ``hf_longctx_base`` (the
+config values the patches changed, as they were before), from which
+:func:`from_pretrained` rebuilds the unpatched model and re-applies the spec, so that
+everything, ALiBi and learned parameters included, round-trips and ``unpatch`` still works.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .patching import STATE_ATTR, applied_sections, base_model, patch, technique
+
+logger = logging.getLogger(__name__)
+
+EXTRA_WEIGHTS = "hf_longctx_extra.safetensors"  # parameters that live on a wrapper (memory embeddings)
+# Config keys that describe the run, not the model; never part of the recorded base config.
+_VOLATILE_KEYS = {"hf_longctx", "hf_longctx_base", "_attn_implementation_internal", "_attn_implementation"}
+
+
+def _changed_config_values(model: nn.Module) -> dict[str, Any]:
+    """Config values that patches changed, as they were before the first patch."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return {}
+    before, now = state.config_snapshot, model.config.__dict__
+    keys = (set(before) | set(now)) - _VOLATILE_KEYS
+    return {k: before.get(k) for k in sorted(keys) if before.get(k) != now.get(k)}
+
+
+def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
+    """Write ``model`` (patched or not) to ``path`` as safetensors + config.json."""
+    path = Path(path)
+    target = base_model(model)
+    for name in applied_sections(target):
+        native_save = technique(name).save
+        if native_save is not None and native_save(model, path):
+            return path
+    base_values = _changed_config_values(target)
+    target.config.hf_longctx_base = base_values
+    try:
+        target.save_pretrained(path, safe_serialization=True, **kwargs)
+    finally:
+        del target.config.hf_longctx_base
+    extra = getattr(model, "hf_longctx_extra_state_dict", None)
+    if extra is not None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in extra().items()}
+        save_file(tensors, str(path / EXTRA_WEIGHTS), metadata={"format": "pt"})
+    return path
+
+
+def from_pretrained(path_or_repo: str | Path, **kwargs: Any) -> nn.Module:
+    """Load a model saved by :func:`save_pretrained` (or any causal LM) and re-apply its spec.
+
+    ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``torch_dtype``, ``revision``,
+    ``token``, ...). ``trust_remote_code`` is never enabled unless passed explicitly.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
+    config = AutoConfig.from_pretrained(path_or_repo, **config_kwargs)
+    sections = getattr(config, "hf_longctx", None) or {}
+    base_values = getattr(config, "hf_longctx_base", None) or {}
+    for attr in ("hf_longctx", "hf_longctx_base"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    for key, value in base_values.items():
+        if value is None:
+            config.__dict__.pop(key, None)
+        else:
+            setattr(config, key, value)
+    model = AutoModelForCausalLM.from_pretrained(path_or_repo, config=config, **kwargs)
+    if not sections:
+        return model
+    result = patch(model, sections)
+    _load_patch_weights(result, path_or_repo, config_kwargs)
+    return result
+
+
+def _checkpoint_files(path_or_repo: str | Path, names: list[str], hub_kwargs: dict) -> dict[str, Path]:
+    """Local paths of the named files that exist in the checkpoint (a folder or a Hub repo)."""
+    local = Path(path_or_repo)
+    if local.is_dir():
+        return {n: local / n for n in names if (local / n).is_file()}
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    found = {}
+    for name in names:
+        try:
+            kw = {k: v for k, v in hub_kwargs.items() if k in ("revision", "token", "cache_dir")}
+            found[name] = Path(hf_hub_download(str(path_or_repo), name, **kw))
+        except EntryNotFoundError:
+            pass
+    return found
+
+
+def _load_patch_weights(model: nn.Module, path_or_repo: str | Path, hub_kwargs: dict) -> None:
+    """Load the parameters that patches created (sinks, memory) from the checkpoint.
+
+    transformers loaded the base weights into the unpatched model and skipped the rest;
+    the patched model now has those parameters, freshly initialised, so load them here.
+    """
+    target = base_model(model)
+    index_name = "model.safetensors.index.json"
+    files = _checkpoint_files(path_or_repo, ["model.safetensors", index_name, EXTRA_WEIGHTS], hub_kwargs)
+    if index_name in files:
+        shard_names = sorted(set(json.loads(files[index_name].read_text())["weight_map"].values()))
+        weight_files = list(_checkpoint_files(path_or_repo, shard_names, hub_kwargs).values())
+    else:
+        weight_files = [files["model.safetensors"]] if "model.safetensors" in files else []
+    own = target.state_dict()
+    for file in weight_files:
+        tensors = {k: v for k, v in load_file(str(file)).items() if k in own}
+        unknown = [k for k in load_file(str(file)) if k not in own]
+        if unknown:
+            logger.warning("checkpoint keys not used by the patched model: %s", ", ".join(unknown[:5]))
+        with torch.no_grad():
+            for key, value in tensors.items():
+                own[key].copy_(value.to(own[key].dtype))
+    if EXTRA_WEIGHTS in files:
+        model.load_hf_longctx_extra_state_dict(load_file(str(files[EXTRA_WEIGHTS])))
+
+
+def model_card(
+    model: nn.Module,
+    repo_id: str | None = None,
+    base_model_name: str | None = None,
+    evaluation: dict | None = None,
+) -> str:
+    """A README.md for the Hub: base model, each applied patch with its parameters, context length."""
+    target = base_model(model)
+    config = target.config
+    base = base_model_name or getattr(config, "_name_or_path", None) or "unknown"
+    sections = applied_sections(model)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- hf-longctx",
+        "- long-context",
+    ]
+    if base and base != "unknown" and not Path(base).exists():
+        lines.append(f"base_model: {base}")
+    lines += ["---", "", f"# {type(target).__name__} patched with hf_longctx", ""]
+    lines += [f"- **Base model:** `{base}`", f"- **Context length (max_position_embeddings):** {config.max_position_embeddings}"]
+    lines += ["", "## Applied patches", ""]
+    if not sections:
+        lines.append("None.")
+    for name, params in sections.items():
+        rendered = ", ".join(f"`{k}` = {v!r}" for k, v in params.items()) or "defaults"
+        lines.append(f"- **{name}**: {rendered}")
+    lines += [
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "import hf_longctx",
+        f"model = hf_longctx.from_pretrained({(repo_id or 'path/to/model')!r})",
+        "```",
+        "",
+        "Scaled RoPE (linear, NTK, dynamic, YaRN, Llama 3, LongRoPE) and native sliding windows are stored in "
+        "`config.json` in transformers' own form, so plain `AutoModelForCausalLM.from_pretrained` loads them too; "
+        "other patches are re-applied by `hf_longctx.from_pretrained`.",
+    ]
+    if evaluation:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in evaluation.items()]
+    return "\n".join(lines) + "\n"
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload model patched with hf_longctx",
+    base_model_name: str | None = None,
+    evaluation: dict | None = None,
+    tokenizer=None,
+) -> str:
+    """:func:`save_pretrained` + model card, uploaded to ``repo_id``; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "README.md").write_text(model_card(model, repo_id, base_model_name, evaluation), encoding="utf-8")
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,19 @@
+"""Spec section ``streaming``: generate() with an attention-sink KV cache (StreamingLLM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config_base import SectionSpec, spec_field
+
+
+@dataclass
+class StreamingSpec(SectionSpec):
+    section = "streaming"
+
+    sink_tokens: int = spec_field(4, help="Number of initial tokens kept forever (the attention sinks).")
+    window: int = spec_field(1020, help="Number of recent tokens kept, the current one included, sinks excluded.")
+
+    def __post_init__(self):
+        self._require(self.sink_tokens >= 0, "sink_tokens", "must be >= 0")
+        self._require(self.window >= 1, "window", "the window must be >= 1 token")

@@ -1,0 +1,51 @@
+"""Tiny random models of every supported family, built from configs (no downloads).
+
+Used by the tests, the benchmarks and the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .families import get_family
+
+_SIZES: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=128,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """A small config of ``model_type`` (hidden 64, 2 layers, 4 heads, 2 KV heads, 64 trained positions)."""
+    kwargs = dict(_SIZES)
+    if model_type == "gpt_neox":
+        kwargs.update(use_parallel_residual=True)
+    else:
+        kwargs.update(num_key_value_heads=2, head_dim=16)
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    get_family(config)
+    return config
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **overrides: Any) -> PreTrainedModel:
+    """A randomly initialised tiny causal LM in eval mode, identical for the same seed and overrides."""
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random init leaves some weights tiny (e.g. zero biases); widen them so tests see every path.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1 and torch.all(param == 0):
+                param.normal_(0.0, 0.02)
+    return model.eval()
