@@ -1,0 +1,21 @@
+"""Shared fixtures: quiet transformers, deterministic torch."""
+
+import pytest
+import torch
+import transformers
+
+transformers.logging.set_verbosity_error()
+
+ALL_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt_neox"]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def tokens(batch: int = 1, length: int = 48, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    """Random token ids that avoid the special ids 0-2 of the tiny configs."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=generator)
