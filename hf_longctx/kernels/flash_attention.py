@@ -25,8 +25,10 @@ from .reference import check_inputs, flash_attention_reference
 
 __all__ = ["flash_attention", "key_block_ranges", "query_block_ranges"]
 
-LOG2E = 1.4426950408889634
-MASKED = -1.0e30  # finite, so a row whose first visited block is fully masked stays NaN-free
+LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units so the kernels can use exp2
+# Finite rather than -inf: a row whose first visited block is fully masked then gets
+# exp2(MASKED - MASKED) = 1 garbage that the next real maximum rescales by exp2(MASKED - m) = 0, not NaN.
+MASKED = tl.constexpr(-1.0e30)
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -54,7 +56,7 @@ def _masked_scores(s, q_pos, k_pos, q_ok, k_ok, slope2, window, sink_tokens,
         ok &= k_pos[None, :] <= q_pos[:, None]
     if HAS_WINDOW:
         ok &= (k_pos[None, :] > q_pos[:, None] - window) | (k_pos[None, :] < sink_tokens)
-    return tl.where(ok, s, -1.0e30)
+    return tl.where(ok, s, MASKED)
 
 
 @triton.jit
@@ -107,10 +109,10 @@ def _fwd_kernel(Q, K, V, O, LSE, SLOPES, SINKS, CU_SEQLENS, KV_BLOCKS,
     q = tl.load(Q + batch * stride_qb + head * stride_qh + (start + rows)[:, None] * stride_qn + offs_d[None, :],
                 mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     q_pos = rows + (k_len - q_len)
-    slope2 = tl.load(SLOPES + head).to(tl.float32) * 1.4426950408889634 if HAS_ALIBI else 0.0
+    slope2 = tl.load(SLOPES + head).to(tl.float32) * LOG2E if HAS_ALIBI else 0.0
     if HAS_SINK_LOGITS:
         # The sink column enters the online softmax as its first element: max = sink, sum = 1, no value.
-        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + head).to(tl.float32) * 1.4426950408889634
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + head).to(tl.float32) * LOG2E
         l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
     else:
         m_i = tl.zeros([BLOCK_M], tl.float32) - float("inf")
@@ -185,7 +187,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_SEQLENS, KV_BLOCKS,
     lse2 = tl.load(LSE + row_off, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + row_off, mask=q_ok, other=0.0)
     q_pos = rows + (k_len - q_len)
-    slope2 = tl.load(SLOPES + head).to(tl.float32) * 1.4426950408889634 if HAS_ALIBI else 0.0
+    slope2 = tl.load(SLOPES + head).to(tl.float32) * LOG2E if HAS_ALIBI else 0.0
     K_base = K + batch * stride_kb + kv_head * stride_kh + start * stride_kn
     V_base = V + batch * stride_vb + kv_head * stride_vh + start * stride_vn
     table = KV_BLOCKS + ((seq if IS_VARLEN else 0) * num_q_blocks + pid_m) * 3
@@ -234,7 +236,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, CU_SEQLENS, Q_BLOC
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(group_size):
         head = kv_head * group_size + g
-        slope2 = tl.load(SLOPES + head).to(tl.float32) * 1.4426950408889634 if HAS_ALIBI else 0.0
+        slope2 = tl.load(SLOPES + head).to(tl.float32) * LOG2E if HAS_ALIBI else 0.0
         Q_base = Q + batch * stride_qb + head * stride_qh + start * stride_qn
         DO_base = DO + batch * stride_dob + head * stride_doh + start * stride_don
         row_base = (batch * num_heads + head) * seq_q + start
@@ -256,3 +258,236 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, CU_SEQLENS, Q_BLOC
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
     tl.store(DK + k_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_mask)
     tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+# ---------------------------------------------------------------------------------------- launcher
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _lengths(cu_seqlens: torch.Tensor | None, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence query and key counts (int64, CPU): one unpacked sequence, or one per document."""
+    if cu_seqlens is None:
+        return torch.tensor([n]), torch.tensor([m])
+    doc_lens = cu_seqlens.cpu().to(torch.int64).diff()
+    return doc_lens, doc_lens
+
+
+def key_block_ranges(q_lens, k_lens, block_m: int, block_n: int, *, causal: bool, window: int | None,
+                     sink_tokens: int) -> torch.Tensor:
+    """Key blocks each query block must visit: int32 `[num_seqs, num_q_blocks, 3]` on the CPU.
+
+    Row `(sink_end, win_start, win_end)`: the kernel visits key blocks `[0, sink_end)` (sink
+    keys) and `[win_start, win_end)` (the causal window), and nothing else; every visited
+    block holds at least one visible pair. q_lens/k_lens `[num_seqs]`: queries and keys per
+    sequence (bottom-right aligned). Query blocks past a sequence's end get empty ranges.
+    """
+    q_lens = torch.as_tensor(q_lens, dtype=torch.int64)[:, None]
+    k_lens = torch.as_tensor(k_lens, dtype=torch.int64)[:, None]
+    r0 = torch.arange(_cdiv(int(q_lens.max()), block_m))[None, :] * block_m
+    first = k_lens - q_lens + r0
+    last = k_lens - q_lens + torch.minimum(r0 + block_m, q_lens) - 1
+    hi = torch.minimum(k_lens, last + 1) if causal else torch.broadcast_to(k_lens, first.shape)
+    lo = (first - window + 1).clamp(min=0) if window is not None else torch.zeros_like(first)
+    win_start = lo // block_n
+    win_end = torch.maximum(_cdiv(hi, block_n), win_start)
+    sink_end = (torch.minimum(torch.full_like(win_start, _cdiv(sink_tokens, block_n)), win_start)
+                if window is not None else torch.zeros_like(win_start))
+    table = torch.stack([sink_end, win_start, win_end], dim=-1)
+    return table.masked_fill((r0 >= q_lens)[..., None], 0).to(torch.int32)
+
+
+def query_block_ranges(q_lens, k_lens, block_m: int, block_n: int, *, causal: bool, window: int | None,
+                       sink_tokens: int) -> torch.Tensor:
+    """Query blocks that see each key block: int32 `[num_seqs, num_k_blocks, 2]` on the CPU.
+
+    Row `(start, end)`: the dK/dV kernel visits query blocks `[start, end)` only; the exact
+    transpose of `key_block_ranges` (for blocks of the same sizes).
+    """
+    q_lens = torch.as_tensor(q_lens, dtype=torch.int64)[:, None]
+    k_lens = torch.as_tensor(k_lens, dtype=torch.int64)[:, None]
+    n0 = torch.arange(_cdiv(int(k_lens.max()), block_n))[None, :] * block_n
+    n1 = torch.minimum(n0 + block_n, k_lens)
+    offset = k_lens - q_lens  # query row r sits at position r + offset
+    row_hi = torch.broadcast_to(q_lens, (q_lens.shape[0], n0.shape[1]))
+    row_lo = (n0 - offset).clamp(min=0) if causal else torch.zeros_like(row_hi)
+    if window is not None:
+        # The last query whose window still reaches key n1 - 1 sits at n1 - 2 + W; sink keys reach all.
+        row_hi = torch.where(n0 < sink_tokens, row_hi, torch.minimum(row_hi, (n1 - 1 + window - offset).clamp(min=0)))
+    start = row_lo // block_m
+    table = torch.stack([start, torch.maximum(_cdiv(row_hi, block_m), start)], dim=-1)
+    return table.masked_fill((n0 >= k_lens)[..., None], 0).to(torch.int32)
+
+
+def _launch_config(q: torch.Tensor) -> dict:
+    """Block sizes and warps per kernel. The interpreter gets small blocks so tests cross block edges."""
+    if not q.is_cuda:
+        if not knobs.runtime.interpret:
+            raise RuntimeError("backend='triton' on a CPU tensor needs the Triton interpreter: set "
+                               "TRITON_INTERPRET=1 before hf_longctx (and triton) are first imported, or use "
+                               "backend='blocked'")
+        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1)
+        return dict(fwd=small, dq=small, dkdv=small)
+    wide = q.shape[-1] > 64
+    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3),
+                dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                dkdv=dict(BLOCK_M=32, BLOCK_N=64 if wide else 128, num_warps=4 if wide else 8, num_stages=2))
+
+
+def _common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes) -> dict:
+    """Pointers, constexpr flags and scalars shared by the three kernels' launches."""
+    d = q.shape[-1]
+    return dict(
+        CU_SEQLENS=q if cu_seqlens is None else cu_seqlens,  # unread placeholders keep the signature fixed
+        SLOPES=q if alibi_slopes is None else alibi_slopes.float().contiguous(),
+        window=window or 0, sink_tokens=sink_tokens, head_dim=d,
+        seq_q=q.shape[2], seq_k=k.shape[2], group_size=q.shape[1] // k.shape[1],
+        CAUSAL=causal, HAS_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
+        IS_VARLEN=cu_seqlens is not None, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        # fp32 inputs get exact fp32 products; on GPUs tl.dot would otherwise round them to TF32.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _strides(**tensors) -> dict:
+    """{"stride_qb": ..., "stride_qh": ..., "stride_qn": ...} for q=..., etc. (the last dim is contiguous)."""
+    return {f"stride_{name}{dim}": t.stride(i) for name, t in tensors.items() for i, dim in enumerate("bhn")}
+
+
+def _flash_forward(q, k, v, alibi_slopes, sink_logits, cu_seqlens, causal, window, sink_tokens, scale):
+    """Returns out `[B, Hq, N, D]` and lse `[B, Hq, N]` (fp32, log2 units)."""
+    b, hq, n, _ = q.shape
+    q_lens, k_lens = _lengths(cu_seqlens, n, k.shape[2])
+    cfg = _launch_config(q)["fwd"]
+    table = key_block_ranges(q_lens, k_lens, cfg["BLOCK_M"], cfg["BLOCK_N"], causal=causal, window=window,
+                             sink_tokens=sink_tokens).to(q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
+    num_seqs = len(q_lens) if cu_seqlens is not None else b
+    grid = (table.shape[1], num_seqs * hq)
+    _fwd_kernel[grid](q, k, v, out, lse, SINKS=q if sink_logits is None else sink_logits.contiguous(), KV_BLOCKS=table,
+                      **_strides(q=q, k=k, v=v, o=out), num_heads=hq, num_q_blocks=table.shape[1],
+                      qk_scale=scale * LOG2E.value, HAS_SINK_LOGITS=sink_logits is not None,
+                      **_common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes), **cfg)
+    return out, lse
+
+
+def _flash_backward(do, q, k, v, out, lse, alibi_slopes, cu_seqlens, causal, window, sink_tokens, scale):
+    """Returns dq, dk, dv (laid out like q, k, v) and delta = rowsum(dO * O) `[B, Hq, N]` fp32."""
+    b, hq, n, _ = q.shape
+    hkv = k.shape[1]
+    q_lens, k_lens = _lengths(cu_seqlens, n, k.shape[2])
+    cfg = _launch_config(q)
+    num_seqs = len(q_lens) if cu_seqlens is not None else b
+    delta = (do.float() * out.float()).sum(-1)
+    common = _common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes)
+    masks = dict(causal=causal, window=window, sink_tokens=sink_tokens)
+    dq, dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+    c = cfg["dq"]
+    kv_table = key_block_ranges(q_lens, k_lens, c["BLOCK_M"], c["BLOCK_N"], **masks).to(q.device)
+    _bwd_dq_kernel[(kv_table.shape[1], num_seqs * hq)](
+        q, k, v, do, dq, lse, delta, KV_BLOCKS=kv_table, **_strides(q=q, k=k, v=v, do=do), num_heads=hq,
+        num_q_blocks=kv_table.shape[1], qk_scale=scale * LOG2E.value, sm_scale=scale, **common, **c)
+
+    c = cfg["dkdv"]
+    q_table = query_block_ranges(q_lens, k_lens, c["BLOCK_M"], c["BLOCK_N"], **masks).to(q.device)
+    _bwd_dkdv_kernel[(q_table.shape[1], num_seqs * hkv)](
+        q, k, v, do, dk, dv, lse, delta, Q_BLOCKS=q_table, **_strides(q=q, k=k, v=v, do=do), num_heads=hq,
+        num_kv_heads=hkv, num_k_blocks=q_table.shape[1], qk_scale=scale * LOG2E.value, sm_scale=scale,
+        **common, **c)
+    return dq, dk, dv, delta
+
+
+# ----------------------------------------------------------------------------------- autograd.Function
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Triton flash attention; differentiable in q, k, v and sink_logits (not in alibi_slopes)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sink_logits, alibi_slopes, cu_seqlens, causal, window, sink_tokens, scale):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out, lse = _flash_forward(q, k, v, alibi_slopes, sink_logits, cu_seqlens, causal, window, sink_tokens,
+                                  scale)
+        ctx.save_for_backward(q, k, v, out, lse, sink_logits, alibi_slopes, cu_seqlens)
+        ctx.options = (causal, window, sink_tokens, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, sink_logits, alibi_slopes, cu_seqlens = ctx.saved_tensors
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        dq, dk, dv, delta = _flash_backward(do, q, k, v, out, lse, alibi_slopes, cu_seqlens, *ctx.options)
+        d_sink = None
+        if sink_logits is not None and ctx.needs_input_grad[3]:
+            # d sink_h = -sum over rows of p_sink * delta, with p_sink = exp(sink_h - lse).
+            p_sink = torch.exp2(sink_logits.float()[None, :, None] * LOG2E.value - lse)
+            d_sink = -(p_sink * delta).sum(dim=(0, 2)).to(sink_logits.dtype)
+        return dq, dk, dv, d_sink, None, None, None, None, None, None
+
+
+# -------------------------------------------------------------------------------------- public API
+
+BACKENDS = ("auto", "triton", "blocked", "reference")
+
+
+def flash_attention(q, k, v, *, causal=True, window=None, sink_tokens=0, alibi_slopes=None, sink_logits=None,
+                    cu_seqlens=None, position_ids=None, scale=None, backend="auto"):
+    """Memory-efficient softmax attention with sliding windows, sinks, ALiBi and packed documents.
+
+    Args:
+        q: `[B, Hq, N, D]` queries; fp32, fp16 or bf16. D up to 128 for Triton (32, 64, 96, 128
+            tested; others are padded to a power of two inside the kernel).
+        k, v: `[B, Hkv, M, D]`, same dtype. Hq must be a multiple of Hkv (GQA / MQA); each
+            group of Hq // Hkv consecutive query heads shares one key/value head, and K/V are
+            never repeated in memory.
+        causal: query i sees keys j <= i. Positions are bottom-right aligned: query row r sits
+            at position M - N + r (decode, chunked prefill with N < M). causal with N > M would
+            leave rows with no key and raises ValueError.
+        window: sliding window W >= 1 (needs causal): query i sees keys j with i - W < j <= i,
+            W keys including itself (transformers' `sliding_window`). None: no window.
+        sink_tokens: S >= 0; with a window, keys 0..S-1 stay visible to every query (still
+            causal) on top of the window (StreamingLLM). Without a window every key is already
+            visible and S has no effect.
+        alibi_slopes: `[Hq]` fp32; adds -slope_h * |i - j| to the scaled scores (i, j positions).
+            Not materialised; not differentiated.
+        sink_logits: `[Hq]`; one learnable logit per head (in scaled-score units) joins the
+            softmax denominator: softmax over [scores, sink_h] with the sink column carrying no
+            value (gpt-oss). Differentiable.
+        cu_seqlens: int32 `[num_docs + 1]`, 0 = cu[0] <= ... <= cu[-1] = N; packed documents
+            (B == 1, N == M). No attention crosses a document boundary, and positions (for
+            causal, window, sinks, ALiBi) restart at 0 in every document.
+        position_ids: `[1, N]` alternative to cu_seqlens, as transformers'
+            DataCollatorWithFlattening produces: a document starts wherever the position is 0,
+            and positions count up by one inside it.
+        scale: score scale; default 1 / sqrt(D).
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "blocked" (pure-torch
+            O(N·W) CPU path), "reference" (dense, for tests) or "auto": triton on CUDA,
+            blocked otherwise.
+
+    Every query sees at least itself (causal) or every key of its document, so no row is
+    fully masked. The Triton kernel visits only key blocks that hold a visible pair: with a
+    window it costs O(N·(W + S)) instead of O(N·M).
+
+    Returns:
+        `[B, Hq, N, D]` in q's dtype.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    options = dict(causal=causal, window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes,
+                   sink_logits=sink_logits)
+    if backend == "reference":
+        return flash_attention_reference(q, k, v, cu_seqlens=cu_seqlens, position_ids=position_ids, scale=scale,
+                                         **options)
+    cu_seqlens, scale = check_inputs(q, k, v, cu_seqlens=cu_seqlens, position_ids=position_ids, scale=scale,
+                                     **options)
+    if backend == "blocked" or (backend == "auto" and not q.is_cuda):
+        return blocked_attention(q, k, v, cu_seqlens=cu_seqlens, scale=scale, **options)
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or q.shape[-1] > 128:
+        raise ValueError(f"backend='triton' supports fp32/fp16/bf16 and head dim <= 128, got {q.dtype} and "
+                         f"D={q.shape[-1]}")
+    return FlashAttentionFunction.apply(q, k, v, sink_logits, alibi_slopes, cu_seqlens, causal, window, sink_tokens,
+                                        scale)

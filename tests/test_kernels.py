@@ -1,0 +1,186 @@
+"""Flash attention kernels on the CPU: the Triton kernel under the interpreter and the blocked path.
+
+Oracle: against the float64 dense reference, the error of each backend is at most twice the
+error of plain PyTorch in the same precision (the reference run in fp16/fp32), plus 1e-6,
+for the output and every gradient (dq, dk, dv, d sink_logits).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: kernels run on the CPU
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_longctx.kernels.blocked import blocked_attention  # noqa: E402
+from hf_longctx.kernels.flash_attention import flash_attention, key_block_ranges, query_block_ranges  # noqa: E402
+from hf_longctx.kernels.reference import check_inputs, flash_attention_reference, visible  # noqa: E402
+
+# name: (B, Hq, Hkv, N, M, D, options). Shapes are small and odd (N not a multiple of the
+# 32-row interpreter blocks); windows span several blocks.
+CASES = {
+    "causal": (2, 2, 2, 77, 77, 64, {}),
+    "noncausal_cross_mqa": (1, 2, 1, 45, 70, 32, dict(causal=False)),
+    "gqa_window_sinks_alibi_sink_logits": (2, 4, 2, 100, 100, 32,
+                                           dict(window=33, sink_tokens=4, alibi=True, sink_logits=True)),
+    "window": (1, 2, 2, 90, 90, 64, dict(window=40)),
+    "decode_window_sinks": (2, 4, 1, 1, 90, 32, dict(window=40, sink_tokens=2)),
+    "chunked_prefill_window_alibi": (1, 2, 2, 37, 100, 64, dict(window=50, alibi=True)),
+    "chunked_prefill_causal_sink_logits": (1, 4, 2, 40, 75, 32, dict(sink_logits=True)),
+    "packed_window_sinks": (1, 4, 2, 100, 100, 32,
+                            dict(cu_seqlens=[0, 30, 31, 77, 100], window=20, sink_tokens=2, sink_logits=True)),
+    "packed_position_ids_alibi": (1, 2, 1, 90, 90, 32, dict(position_ids=[0, 45, 46, 90], alibi=True)),
+    "head_dim_96": (1, 2, 1, 50, 50, 96, dict(window=30)),
+}
+
+
+def _blocked(q, k, v, *, causal=True, window=None, sink_tokens=0, alibi_slopes=None, sink_logits=None,
+             cu_seqlens=None, position_ids=None, scale=None):
+    """The blocked CPU path with 32-row blocks, so these small shapes cross block edges."""
+    options = dict(causal=causal, window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes,
+                   sink_logits=sink_logits)
+    cu_seqlens, scale = check_inputs(q, k, v, cu_seqlens=cu_seqlens, position_ids=position_ids, scale=scale,
+                                     **options)
+    return blocked_attention(q, k, v, cu_seqlens=cu_seqlens, scale=scale, block_size=32, **options)
+
+
+def _triton(q, k, v, **options):
+    return flash_attention(q, k, v, backend="triton", **options)
+
+
+def _make_case(name):
+    b, hq, hkv, n, m, d, opts = CASES[name]
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    # Inputs in transformers' layout: [B, N, H, D] memory viewed as [B, H, N, D].
+    q = torch.randn(b, n, hq, d, generator=gen, dtype=torch.float64).transpose(1, 2)
+    k = torch.randn(b, m, hkv, d, generator=gen, dtype=torch.float64).transpose(1, 2)
+    v = torch.randn(b, m, hkv, d, generator=gen, dtype=torch.float64).transpose(1, 2)
+    do = torch.randn(b, hq, n, d, generator=gen, dtype=torch.float64)
+    sink = torch.randn(hq, generator=gen, dtype=torch.float64) if opts.get("sink_logits") else None
+    options = {key: val for key, val in opts.items() if key not in ("alibi", "sink_logits")}
+    if opts.get("alibi"):
+        options["alibi_slopes"] = torch.rand(hq, generator=gen) * 0.5
+    if "cu_seqlens" in options:
+        options["cu_seqlens"] = torch.tensor(options["cu_seqlens"], dtype=torch.int32)
+    if "position_ids" in options:
+        bounds = options["position_ids"]
+        options["position_ids"] = torch.cat([torch.arange(e - s) for s, e in zip(bounds, bounds[1:])])[None]
+    return (q, k, v, sink), do, options
+
+
+def _outputs_and_grads(fn, inputs, do, options, dtype):
+    """fn's output and gradients for q, k, v (and sink_logits), from inputs cast to dtype."""
+    q, k, v, sink = inputs
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    if sink is not None:
+        leaves.append(sink.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_())
+    out = fn(*leaves[:3], sink_logits=leaves[3] if sink is not None else None, **options)
+    assert out.dtype == dtype and out.shape == do.shape
+    return [out, *torch.autograd.grad(out, leaves, do.to(dtype))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend", [_triton, _blocked], ids=["triton", "blocked"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_reference(case, backend, dtype):
+    inputs, do, options = _make_case(case)
+    exact = _outputs_and_grads(flash_attention_reference, inputs, do, options, torch.float64)
+    plain = _outputs_and_grads(flash_attention_reference, inputs, do, options, dtype)
+    ours = _outputs_and_grads(backend, inputs, do, options, dtype)
+    for name, e, p, o in zip(["out", "dq", "dk", "dv", "d_sink_logits"], exact, plain, ours):
+        err_plain = (p.double() - e).abs().max().item()
+        err_ours = (o.double() - e).abs().max().item()
+        assert err_ours <= 2 * err_plain + 1e-6, f"{name}: error {err_ours:.3g} vs plain PyTorch {err_plain:.3g}"
+
+
+def test_auto_backend_on_cpu_is_blocked_path():
+    (q, k, v, _), _, options = _make_case("gqa_window_sinks_alibi_sink_logits")
+    q, k, v = q.float(), k.float(), v.float()
+    expected = _blocked(q, k, v, **options)
+    torch.testing.assert_close(flash_attention(q, k, v, **options), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flash_attention(q, k, v, backend="reference", **options), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+TABLE_CASES = [  # (q_lens, k_lens, block_m, block_n, causal, window, sink_tokens)
+    ([77], [77], 16, 16, True, None, 0),
+    ([45], [70], 16, 32, False, None, 0),
+    ([100], [100], 16, 16, True, 33, 4),
+    ([37], [100], 32, 16, True, 50, 20),
+    ([1], [90], 16, 16, True, 40, 2),
+    ([30, 1, 46, 23], [30, 1, 46, 23], 16, 8, True, 20, 9),
+    ([64], [64], 16, 16, True, 1, 0),
+]
+
+
+@pytest.mark.parametrize("q_lens,k_lens,block_m,block_n,causal,window,sink_tokens", TABLE_CASES)
+def test_block_tables_visit_exactly_the_blocks_with_visible_pairs(q_lens, k_lens, block_m, block_n, causal, window,
+                                                                  sink_tokens):
+    mask_options = dict(causal=causal, window=window, sink_tokens=sink_tokens)
+    kv_table = key_block_ranges(q_lens, k_lens, block_m, block_n, **mask_options)
+    q_table = query_block_ranges(q_lens, k_lens, block_m, block_n, **mask_options)
+    for seq, (n, m) in enumerate(zip(q_lens, k_lens)):
+        mask = visible(torch.arange(m - n, m), torch.arange(m), **mask_options)
+        qb, kb = -(-n // block_m), -(-m // block_n)
+        padded = torch.zeros(qb * block_m, kb * block_n, dtype=torch.bool)
+        padded[:n, :m] = mask
+        needed = padded.view(qb, block_m, kb, block_n).any(dim=(1, 3))
+        from_kv_table = torch.zeros_like(needed)
+        for i, (sink_end, lo, hi) in enumerate(kv_table[seq, :qb].tolist()):
+            assert sink_end <= lo, "sink and window ranges must not overlap"
+            from_kv_table[i, :sink_end] = True
+            from_kv_table[i, lo:hi] = True
+        from_q_table = torch.zeros_like(needed)
+        for j, (lo, hi) in enumerate(q_table[seq, :kb].tolist()):
+            from_q_table[lo:hi, j] = True
+        assert torch.equal(from_kv_table, needed)
+        assert torch.equal(from_q_table, needed)
+
+
+def test_sliding_window_visits_o_of_window_key_blocks():
+    n, window, sink_tokens, block_m, block_n = 16384, 1024, 4, 128, 64
+    table = key_block_ranges([n], [n], block_m, block_n, causal=True, window=window, sink_tokens=sink_tokens)[0]
+    per_block = table[:, 0] + table[:, 2] - table[:, 1]
+    assert per_block.max().item() <= -(-(window + block_m - 1) // block_n) + 1 + 1  # window span + one sink block
+    causal_total = sum(-(-min(n, (i + 1) * block_m) // block_n) for i in range(n // block_m))
+    assert per_block.sum().item() * 5 < causal_total  # vs ~N/(2W) blocks per query block without a window
+    q_table = query_block_ranges([n], [n], block_m, block_n, causal=True, window=window, sink_tokens=sink_tokens)[0]
+    assert (q_table[1:, 1] - q_table[1:, 0]).max().item() <= -(-(window + block_n - 1) // block_m) + 1
+    assert (q_table[0, 1] - q_table[0, 0]).item() == n // block_m  # the sink block is seen by every query
+
+
+def _qkv(b=1, hq=4, hkv=2, n=8, m=8, d=32):
+    return torch.randn(b, hq, n, d), torch.randn(b, hkv, m, d), torch.randn(b, hkv, m, d)
+
+
+@pytest.mark.parametrize("backend", ["triton", "blocked", "reference"])
+@pytest.mark.parametrize("make,options,message", [
+    (lambda: _qkv(hq=3, hkv=2), {}, "multiple of the number of key/value heads"),
+    (lambda: _qkv(b=2), dict(cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32)), "B == 1"),
+    (lambda: _qkv(), dict(cu_seqlens=torch.tensor([0, 5, 4, 8], dtype=torch.int32)), "without decreasing"),
+    (lambda: _qkv(), dict(alibi_slopes=torch.ones(2)), r"alibi_slopes must have shape \[Hq\] = \[4\]"),
+    (lambda: _qkv(), dict(sink_logits=torch.ones(4, 1)), r"sink_logits must have shape \[Hq\]"),
+    (lambda: _qkv(), dict(causal=False, window=4), "needs causal=True"),
+    (lambda: _qkv(), dict(window=0), "window must be an int >= 1"),
+    (lambda: _qkv(n=9), {}, "more queries"),
+    (lambda: _qkv(), dict(position_ids=torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])), "must start at 0"),
+    (lambda: _qkv(), dict(position_ids=torch.tensor([[0, 1, 2, 4, 0, 1, 2, 3]])), "count up by one"),
+], ids=["gqa_ratio", "packed_batch", "cu_seqlens_order", "alibi_shape", "sink_shape", "window_noncausal",
+        "window_zero", "n_gt_m_causal", "position_ids_start", "position_ids_gap"])
+def test_bad_inputs_raise_clear_errors(backend, make, options, message):
+    q, k, v = make()
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, v, backend=backend, **options)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        flash_attention(*_qkv(), backend="cuda")
+
+
+def test_position_ids_give_the_same_documents_as_cu_seqlens():
+    q, k, v = _qkv(n=10, m=10)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]])
+    cu_seqlens, _ = check_inputs(q, k, v, causal=True, window=None, sink_tokens=0, alibi_slopes=None,
+                                 sink_logits=None, cu_seqlens=None, position_ids=position_ids, scale=None)
+    assert cu_seqlens.tolist() == [0, 3, 5, 10] and cu_seqlens.dtype == torch.int32
