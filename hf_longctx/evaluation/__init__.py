@@ -1,1 +1,33 @@
-"""Evaluation: perplexity vs context length, passkey retrieval, streaming perplexity, plots."""
+"""Evaluation: perplexity vs context length, passkey retrieval, streaming perplexity, tables and plots."""
+
+import importlib
+
+from .passkey import PasskeyPoint, greedy_matches, passkey_accuracy, passkey_prompt
+from .perplexity import PerplexityPoint, perplexity_vs_length, score_last_tokens, window_ends
+from .report import format_length, markdown_table, plot_lines, plot_passkey, write_json
+
+# Streaming perplexity lives with the streaming cache it measures; imported on first use.
+_LAZY = {"streaming_perplexity": "hf_longctx.evaluation.streaming"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_longctx.evaluation' has no attribute '{name}'")
+
+
+__all__ = [
+    "PasskeyPoint",
+    "PerplexityPoint",
+    "format_length",
+    "greedy_matches",
+    "markdown_table",
+    "passkey_accuracy",
+    "passkey_prompt",
+    "perplexity_vs_length",
+    "plot_lines",
+    "plot_passkey",
+    "score_last_tokens",
+    "streaming_perplexity",
+    "window_ends",
+]
