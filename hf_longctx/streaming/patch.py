@@ -1,0 +1,153 @@
+"""The ``streaming`` patch: ``generate`` streams with a SinkCache, long inputs go in chunks.
+
+Applying the section replaces two methods on the model instance (recorded, undone by
+``unpatch``):
+
+* ``generate``: when no cache is given (and ``use_cache`` is not False), it passes a fresh
+  ``SinkCache(sink_tokens, window)``.
+* ``forward``: when the cache is a :class:`SinkCache`, the cache is bound to the model in the
+  ``"cache"`` position frame (positions are cache slots, never above ``S + W - 1``, the
+  ``position_ids`` given are ignored) and the input is fed by :func:`streaming_forward`.
+  Other caches go to the original ``forward`` untouched.
+
+Long inputs (prefill): :func:`streaming_forward` first feeds as many tokens as fill the cache
+to ``S + W`` in one pass (no eviction: exactly the dense model), then the rest in chunks of
+``prefill_chunk`` tokens. Token ``j`` of a chunk of ``c`` tokens attends to the sinks, the
+last ``W - c`` cached tokens and the chunk's tokens up to itself: the sinks are always in
+view, at most ``S + W`` keys are attended, and ``prefill_chunk = 1`` is exactly StreamingLLM's
+one token at a time. No mask beyond the plain causal one is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config_base import SpecError
+from ..patching import Applied, Technique, register_technique
+from .cache import SinkCache
+from .config import StreamingSpec
+
+logger = logging.getLogger(__name__)
+
+_CACHE_KEYS = ("cache", "past_key_values")
+
+
+def default_prefill_chunk(window: int) -> int:
+    """Chunk length for prompts longer than the cache: an eighth of the window (at least 1 token)."""
+    return max(1, window // 8)
+
+
+def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Leading zeros per row of a 2D mask ``[B, L]`` -> ``[B]``."""
+    return (attention_mask.long().cumsum(-1) == 0).sum(-1)
+
+
+def streaming_forward(
+    model: nn.Module,
+    forward,
+    cache: SinkCache,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    logits_to_keep: int = 0,
+    prefill_chunk: int | None = None,
+    **kwargs: Any,
+):
+    """Run ``forward`` (a causal LM forward) over new tokens with a SinkCache in the cache frame.
+
+    input_ids ``[B, L]`` (or inputs_embeds ``[B, L, H]``); attention_mask ``[B, seen + L]`` covering
+    every token seen so far (a mask of the new tokens only is taken as such, with the past all
+    real). Returns the model output of the last chunk with ``logits`` ``[B, L, V]`` of all chunks
+    (the last ``logits_to_keep`` when > 0) and ``loss`` from ``labels`` ``[B, L]``.
+    """
+    cache.bind(model, position_frame="cache")
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    batch, length = inputs.shape[:2]
+    seen = cache.get_seq_length()
+    if attention_mask is not None:
+        if attention_mask.shape[-1] == length and seen > 0:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, seen), attention_mask], dim=-1)
+        if seen == 0 and not bool(attention_mask.all()):
+            cache.set_left_padding(_left_padding(attention_mask))
+    capacity = cache.num_sink_tokens + cache.window_length
+    chunk = prefill_chunk or default_prefill_chunk(cache.window_length)
+    room = capacity - (cache.cached_lengths() or [0])[0]  # tokens that fit without any eviction
+    first = min(length, room if room > 0 else chunk)
+    sizes = [first] + [min(chunk, length - start) for start in range(first, length, chunk)]
+    keep_last_only = isinstance(logits_to_keep, int) and 0 < logits_to_keep <= sizes[-1]
+    logits, start, out = [], 0, None
+    for index, size in enumerate(sizes):
+        last = index == len(sizes) - 1
+        position_ids = torch.arange(size, device=inputs.device) + cache.kept_length(size)
+        step_inputs = {"input_ids" if input_ids is not None else "inputs_embeds": inputs[:, start : start + size]}
+        out = forward(
+            **step_inputs,
+            attention_mask=None if attention_mask is None else attention_mask[:, : seen + start + size],
+            position_ids=position_ids.expand(batch, size),
+            cache=cache,
+            logits_to_keep=(logits_to_keep if last else 1) if keep_last_only else 0,
+            **kwargs,
+        )
+        if last or not keep_last_only:
+            logits.append(out.logits)
+        start += size
+    out.logits = torch.cat(logits, dim=1)
+    if isinstance(logits_to_keep, int) and logits_to_keep > 0 and not keep_last_only:
+        out.logits = out.logits[:, -logits_to_keep:]
+    if labels is not None:
+        out.loss = model.loss_function(logits=out.logits, labels=labels, vocab_size=model.config.vocab_size)
+    return out
+
+
+def _check(model: nn.Module, section: StreamingSpec, spec) -> None:
+    if not hasattr(model, "generate"):
+        raise SpecError(f"'streaming' needs a causal LM with generate(); got {type(model).__name__}")
+    own_window = getattr(model.config, "sliding_window", None)
+    if own_window is not None and own_window < section.sink_tokens + section.window:
+        raise SpecError(
+            f"the model's own sliding_window={own_window} is smaller than streaming.sink_tokens + streaming.window "
+            f"= {section.sink_tokens + section.window}: its mask would hide the sinks; use a window of at most "
+            f"{own_window - section.sink_tokens} or a model config without sliding_window"
+        )
+
+
+def _apply(model: nn.Module, section: StreamingSpec, spec) -> Applied:
+    saved = {name: model.__dict__[name] for name in ("forward", "generate") if name in model.__dict__}
+    original_forward, original_generate = model.forward, model.generate
+
+    @functools.wraps(original_forward)
+    def forward(*args, **kwargs):
+        cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+        if not isinstance(cache, SinkCache):
+            return original_forward(*args, **kwargs)
+        for key in (*_CACHE_KEYS, "position_ids"):
+            kwargs.pop(key, None)
+        if args:
+            kwargs["input_ids"] = args[0]
+        return streaming_forward(model, original_forward, cache, prefill_chunk=section.prefill_chunk, **kwargs)
+
+    @functools.wraps(original_generate)
+    def generate(*args, **kwargs):
+        if all(kwargs.get(k) is None for k in _CACHE_KEYS) and kwargs.get("use_cache", True) is not False:
+            kwargs["cache"] = SinkCache(section.sink_tokens, section.window, model=model)
+        return original_generate(*args, **kwargs)
+
+    model.forward, model.generate = forward, generate
+
+    def undo() -> None:
+        for name in ("forward", "generate"):
+            if name in saved:
+                setattr(model, name, saved[name])
+            else:
+                model.__dict__.pop(name, None)
+
+    return Applied(undo=undo)
+
+
+register_technique(Technique(section="streaming", apply=_apply, check=_check, order=40))
