@@ -104,7 +104,7 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         if backend == "flex" and (query.is_cuda or not needs_grad):  # flex has no backward on the CPU
             return flex_path(query, key, value, **options), None
-        return kernel_path(query, key, value, backend=backend, **options), None
+        return kernel_path(query, key, value, backend="triton" if backend == "triton" else "auto", **options), None
 
     # The flag tells the ALiBi patch to leave this function in charge when applied after it.
     attention_forward.reads_alibi_slopes = True
