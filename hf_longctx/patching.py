@@ -13,13 +13,15 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
 from .config_base import SectionSpec, SpecError
 from .families import get_family
-from .spec import PatchSpec, SpecLike, load_spec
+
+if TYPE_CHECKING:  # spec.py imports every technique's config, whose packages import this module
+    from .spec import PatchSpec, SpecLike
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ def patch(model: nn.Module, spec: SpecLike = None, **overrides: Any) -> nn.Modul
     the sections applied so far are undone and the model is left exactly as it was.
     The applied sections are recorded as plain data on ``model.config.hf_longctx``.
     """
+    from .spec import load_spec
+
     spec = load_spec(spec, **overrides)
     target = base_model(model)
     get_family(target)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import sys
-from functools import lru_cache
 
 import torch
 from torch import nn
@@ -31,20 +30,21 @@ SLOPES_ATTR = "hf_longctx_alibi_slopes"
 BASE_IMPL_ATTR = "_hf_longctx_alibi_base"
 
 
-@lru_cache(maxsize=None)
-def _slopes_list(num_heads: int) -> tuple[float, ...]:
-    closest = 2 ** math.floor(math.log2(num_heads))
-    base = 2.0 ** (-8.0 / closest)
-    slopes = [base ** (h + 1) for h in range(closest)]
-    if closest < num_heads:
-        extra_base = 2.0 ** (-4.0 / closest)  # the 2n-head sequence: 2^(-8h/(2n))
-        slopes += [extra_base ** (2 * h + 1) for h in range(num_heads - closest)]
-    return tuple(slopes)
-
-
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
-    """ALiBi slopes ``[num_heads]`` in float32."""
-    return torch.tensor(_slopes_list(num_heads), dtype=torch.float32, device=device)
+    """ALiBi slopes ``[num_heads]`` in float32.
+
+    Computed as float32 powers of a float32 base (as BLOOM does), so the values match
+    BLOOM's bit for bit, not only to rounding.
+    """
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2.0 ** (-8.0 / closest), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, closest + 1, dtype=torch.int32))
+    if closest < num_heads:
+        # the remaining heads take the odd-numbered slopes of the 2n-head sequence 2^(-8h/(2n))
+        extra_base = torch.tensor(2.0 ** (-4.0 / closest), dtype=torch.float32)
+        odd = torch.arange(1, 2 * (num_heads - closest) + 1, 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(extra_base, odd)])
+    return slopes.to(device)
 
 
 def module_alibi_slopes(module: nn.Module) -> torch.Tensor | None:
@@ -113,16 +113,20 @@ def _apply(model: nn.Module, section: AlibiSpec, spec) -> Applied:
     family = get_family(model)
     original_rotary = family.rotary_embedding(model)
     original_impl = model.config._attn_implementation
+    # An attention backend that reads the slopes itself (hf_longctx.attention) stays in charge.
+    keep_impl = getattr(AttentionInterface._global_mapping.get(original_impl), "reads_alibi_slopes", False)
     base_impl = original_impl if original_impl == "eager" else "sdpa"
     family.set_rotary_embedding(model, IdentityRotaryEmbedding(original_rotary))
     num_heads = model.config.num_attention_heads
     for attn in family.attention_modules(model):
         setattr(attn, SLOPES_ATTR, alibi_slopes(num_heads))
         setattr(attn, BASE_IMPL_ATTR, base_impl)
-    model.set_attn_implementation(ATTENTION_NAME)
+    if not keep_impl:
+        model.set_attn_implementation(ATTENTION_NAME)
 
     def undo():
-        model.set_attn_implementation(original_impl)
+        if not keep_impl:
+            model.set_attn_implementation(original_impl)
         for attn in family.attention_modules(model):
             delattr(attn, SLOPES_ATTR)
             delattr(attn, BASE_IMPL_ATTR)

@@ -1,0 +1,121 @@
+"""patch / unpatch: recording, transactional failure, repeated sections, unsupported models."""
+
+import pytest
+import torch
+from conftest import ALL_FAMILIES, tokens
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import hf_longctx as hl
+from hf_longctx import patching
+from hf_longctx.testing import tiny_model
+
+
+def snapshot(model, x):
+    with torch.no_grad():
+        logits = model(x).logits
+    return logits, model.config.to_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(model, x, snap):
+    logits, config, state = snap
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, logits)
+    assert model.config.to_dict() == config
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+@pytest.mark.parametrize("spec", ["yarn-4x", "ntk-2x", "alibi"])
+def test_unpatch_restores_bit_identical_logits(model_type, spec):
+    if model_type == "phi3" and spec == "yarn-4x":
+        spec = {"rope": {"type": "ntk", "factor": 8.0}}  # phi3 configs hold no yarn
+    model = tiny_model(model_type)
+    x = tokens(length=100)
+    snap = snapshot(model, x)
+    rotary = model.base_model.rotary_emb
+    assert hl.patch(model, spec) is model
+    with torch.no_grad():
+        assert not torch.equal(model(x).logits, snap[0])
+    assert hl.unpatch(model) is model
+    assert model.base_model.rotary_emb is rotary
+    assert_same(model, x, snap)
+    assert not hasattr(model.config, "hf_longctx")
+
+
+def test_applied_spec_is_recorded_as_plain_data():
+    model = tiny_model("mistral")
+    hl.patch(model, "llama3-8x")
+    assert model.config.hf_longctx == {"rope": {"type": "llama3", "factor": 8.0}}
+    assert hl.applied_sections(model) == model.config.hf_longctx
+    assert "hf_longctx" in model.config.to_json_string()
+
+
+def test_patching_an_applied_section_again_is_an_error_naming_it():
+    model = tiny_model("llama")
+    hl.patch(model, "yarn-4x")
+    x = tokens()
+    snap = snapshot(model, x)
+    with pytest.raises(hl.SpecError, match="section 'rope' is already applied"):
+        hl.patch(model, "ntk-2x")
+    assert_same(model, x, snap)
+
+
+def test_alibi_after_rope_in_a_second_call_is_rejected():
+    model = tiny_model("llama")
+    hl.patch(model, "yarn-4x")
+    with pytest.raises(hl.SpecError, match="'rope' and 'alibi' cannot be combined"):
+        hl.patch(model, "alibi")
+
+
+def test_unsupported_model_type_lists_the_supported_families():
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(hl.SpecError) as info:
+        hl.patch(model, "yarn-4x")
+    message = str(info.value)
+    assert "model_type 'gpt2' is not supported" in message
+    for family in ALL_FAMILIES:
+        assert family in message
+
+
+def test_model_without_rotary_embedding_gets_an_error_listing_families():
+    model = tiny_model("llama")
+    model.model.rotary_emb = None
+    with pytest.raises(hl.SpecError, match="no rotary embedding to patch; position patches apply to: gemma, gpt_neox"):
+        hl.patch(model, "yarn-4x")
+
+
+def test_a_failure_while_applying_rolls_back_everything(monkeypatch):
+    """rope is applied first, then a later section fails: the model must be exactly as before."""
+
+    def explode(model, section, spec):
+        model.config.num_experts = 99  # a half-done change the rollback must undo
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(patching._TECHNIQUES, "moe", patching.Technique(section="moe", apply=explode, order=80))
+    model = tiny_model("qwen3")
+    x = tokens(length=80)
+    snap = snapshot(model, x)
+    rotary = model.model.rotary_emb
+    with pytest.raises(RuntimeError, match="boom"):
+        hl.patch(model, {"rope": {"type": "yarn", "factor": 4.0}, "moe": {}})
+    assert model.model.rotary_emb is rotary
+    assert not hasattr(model, patching.STATE_ATTR)
+    assert_same(model, x, snap)
+
+
+def test_unpatch_of_an_unpatched_model_is_an_error():
+    with pytest.raises(hl.SpecError, match="has not been patched"):
+        hl.unpatch(tiny_model("llama"))
+
+
+def test_patch_then_unpatch_then_patch_again():
+    model = tiny_model("gemma")
+    x = tokens(length=100)
+    hl.patch(model, "yarn-4x")
+    with torch.no_grad():
+        first = model(x).logits
+    hl.unpatch(model)
+    hl.patch(model, "yarn-4x")
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, first)
