@@ -168,7 +168,7 @@ def model_card(
         "",
         "```python",
         "import hf_longctx",
-        f"model = hf_longctx.from_pretrained({(repo_id or 'path/to/model')!r})",
+        f"model = hf_longctx.from_pretrained({json.dumps(repo_id or 'path/to/model')})",
         "```",
         "",
         "Scaled RoPE (linear, NTK, dynamic, YaRN, Llama 3, LongRoPE) and native sliding windows are stored in "
