@@ -1,8 +1,16 @@
-"""Shared fixtures: quiet transformers, deterministic torch."""
+"""Shared fixtures: quiet transformers, deterministic torch, Triton's interpreter without a GPU."""
 
-import pytest
-import torch
-import transformers
+import os
+import shutil
+
+# Triton reads TRITON_INTERPRET when it is imported: set it before anything can import it.
+# Without a CUDA device the kernels run (slowly, correctly) in the interpreter on the CPU.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
