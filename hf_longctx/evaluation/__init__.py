@@ -2,7 +2,7 @@
 
 import importlib
 
-from .passkey import PasskeyPoint, greedy_matches, passkey_accuracy, passkey_prompt
+from .passkey import PasskeyPoint, greedy_matches, min_passkey_length, passkey_accuracy, passkey_keys, passkey_prompt
 from .perplexity import PerplexityPoint, perplexity_vs_length, score_last_tokens, window_ends
 from .report import format_length, markdown_table, plot_lines, plot_passkey, write_json
 
@@ -22,7 +22,9 @@ __all__ = [
     "format_length",
     "greedy_matches",
     "markdown_table",
+    "min_passkey_length",
     "passkey_accuracy",
+    "passkey_keys",
     "passkey_prompt",
     "perplexity_vs_length",
     "plot_lines",

@@ -50,12 +50,14 @@ class PasskeyPoint:
         return asdict(self)
 
 
-def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str) -> tuple[list[int], int]:
+def passkey_prompt(
+    tokenizer: Tokenizer, length: int, depth: float, key: str, filler: bool = True
+) -> tuple[list[int], int]:
     """Token ids of one trial, exactly ``length`` long, and the number of answer tokens at its end.
 
     Layout: task, filler before, needle, filler after, question, answer; the filler is the
     repeated :data:`FILLER` cut to fill the length, ``round(depth * filler tokens)`` of it before
-    the needle.
+    the needle. ``filler=False`` leaves the filler out (the shortest possible prompt).
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
@@ -66,13 +68,13 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: str) ->
     task, needle, question = encode(TASK), encode(NEEDLE.format(key=key)), encode(QUESTION)
     answer = encode(ANSWER.format(key=key))
     fixed = len(task) + len(needle) + len(question) + len(answer)
-    filler_tokens = length - fixed
+    filler_tokens = length - fixed if filler else 0
     if filler_tokens < 0:
         raise ValueError(f"a passkey prompt needs at least {fixed} tokens with this tokenizer, length {length} is too short")
     unit = encode(FILLER)
-    filler = (unit * (filler_tokens // len(unit) + 1))[:filler_tokens]
+    text = (unit * (filler_tokens // len(unit) + 1))[:filler_tokens]
     before = round(depth * filler_tokens)
-    ids = task + filler[:before] + needle + filler[before:] + question + answer
+    ids = task + text[:before] + needle + text[before:] + question + answer
     return ids, len(answer)
 
 
@@ -85,6 +87,17 @@ def greedy_matches(logits: torch.Tensor, input_ids: torch.Tensor, answer_tokens:
     """
     predicted = logits[:, -answer_tokens - 1 : -1].argmax(-1)
     return (predicted == input_ids[:, -answer_tokens:]).all(-1)
+
+
+def passkey_keys(trials: int, seed: int = 0) -> list[str]:
+    """The random 5-digit keys of ``trials`` trials, from ``random.Random(seed)``: every model sees the same."""
+    rng = random.Random(seed)
+    return [str(rng.randint(10000, 99999)) for _ in range(trials)]
+
+
+def min_passkey_length(tokenizer: Tokenizer, keys: Sequence[str]) -> int:
+    """The shortest length whose prompts hold every key (task, needle, question and answer, no filler)."""
+    return max(len(passkey_prompt(tokenizer, 10**9, 0.0, key, filler=False)[0]) for key in keys)
 
 
 @torch.inference_mode()
@@ -100,10 +113,10 @@ def passkey_accuracy(
 ) -> list[PasskeyPoint]:
     """Retrieval accuracy at every (length, depth), over ``trials`` random 5-digit keys each.
 
-    The keys come from ``random.Random(seed)``, so every model sees the same trials.
+    The keys are :func:`passkey_keys`, so every model sees the same trials. Raises
+    ``ValueError`` for a length below :func:`min_passkey_length`.
     """
-    rng = random.Random(seed)
-    keys = [str(rng.randint(10000, 99999)) for _ in range(trials)]
+    keys = passkey_keys(trials, seed)
     device = next(model.parameters()).device
     points = []
     with tqdm(total=len(lengths) * len(depths) * trials, desc=desc, unit="trial", leave=False) as bar:

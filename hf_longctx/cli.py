@@ -1,0 +1,292 @@
+"""``hf-longctx``: run the demo, patch a model, evaluate it against context length, list presets.
+
+    hf-longctx demo --out demo
+    hf-longctx patch MODEL --preset yarn-4x --out patched
+    hf-longctx eval MODEL --preset none,yarn-4x --lengths 1k,2k,4k --tasks perplexity,passkey --out eval
+    hf-longctx presets
+
+Mistakes in the input (a missing path, an unknown preset, a bad length) end with one line on
+stderr, ``hf-longctx: error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("perplexity", "passkey", "streaming")
+UNPATCHED = "none"  # the --preset name of the model as loaded
+
+
+class CliError(ValueError):
+    """A mistake in the command line; reported as one line."""
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``"512,1k,2K,1.5k"`` -> ``[512, 1024, 2048, 1536]`` (k = 1024 tokens)."""
+    lengths = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kK]?)\s*", item)
+        value = float(match.group(1)) * (1024 if match.group(2) else 1) if match else 0
+        if not match or value != int(value) or value < 2:
+            raise CliError(f"bad length '{item.strip()}' in --lengths '{text}': use token counts >= 2 like 512,1k,2k")
+        lengths.append(int(value))
+    return lengths
+
+
+def parse_choices(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise CliError(f"unknown {option} '{unknown[0] if unknown else text}'; allowed: {', '.join(allowed)}")
+    return names
+
+
+def load_model(name: str):
+    """A local model folder or a Hub repo id -> the model (its recorded hf_longctx spec re-applied)."""
+    from . import from_pretrained
+
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CliError(f"'{name}' is not a model folder: it has no config.json")
+    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise CliError(f"model '{name}' is neither an existing folder nor a Hub repo id (owner/name)")
+    return from_pretrained(str(path) if path.exists() else name).eval()
+
+
+def load_tokenizer(name: str, model):
+    """The model's tokenizer, or bytes as tokens when it ships none (the demo's models, tiny test models)."""
+    from .demo import ByteTokenizer
+
+    path = Path(name).expanduser()
+    local_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if path.exists() and not any((path / f).is_file() for f in local_files):
+        logger.info("%s has no tokenizer; using UTF-8 bytes as tokens", name)
+        return ByteTokenizer(model.config.vocab_size)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
+
+
+def _spec_argument(args) -> Any:
+    from . import load_spec
+
+    return load_spec(args.spec if args.spec else args.preset)
+
+
+def cmd_presets(args) -> None:
+    from . import list_presets
+
+    presets = list_presets()
+    width = max((len(n) for n in presets), default=0)
+    for name, description in presets.items():
+        print(f"{name:<{width}}  {description}")
+
+
+def cmd_patch(args) -> None:
+    from . import patch, push_to_hub, save_pretrained
+
+    spec = _spec_argument(args)  # validated before the model is loaded
+    model = patch(load_model(args.model), spec)
+    out = save_pretrained(model, args.out)
+    tokenizer = load_tokenizer(args.model, model)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    print(f"Wrote {out} ({', '.join(spec.sections())})")
+    if args.push_to_hub:
+        shipped = tokenizer if hasattr(tokenizer, "save_pretrained") else None
+        print(f"Pushed: {push_to_hub(model, args.push_to_hub, tokenizer=shipped)}")
+
+
+def _evaluation_text(args, tokenizer):
+    """Token ids of --data, or by default of the held-out standard library files of the demo."""
+    import torch
+
+    if args.data:
+        text = Path(args.data).expanduser().read_text(encoding="utf-8", errors="replace")
+    else:
+        from .demo import DemoSettings, stdlib_split
+
+        _, held_out = stdlib_split(DemoSettings().holdout_every)
+        text = "".join(p.read_text(encoding="utf-8", errors="replace") for p in held_out)
+    return torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+
+
+def cmd_eval(args) -> None:
+    from . import load_spec, patch, unpatch
+    from .demo import ByteTokenizer
+    from .evaluation import (
+        markdown_table,
+        min_passkey_length,
+        passkey_accuracy,
+        passkey_keys,
+        perplexity_vs_length,
+        plot_lines,
+        plot_passkey,
+        write_json,
+    )
+
+    lengths = parse_lengths(args.lengths)
+    tasks = parse_choices(args.tasks, TASKS, "task")
+    names = [n.strip() for n in args.preset.split(",")] if args.preset else [UNPATCHED]
+    # Everything that can be checked is checked before the (slow) model load.
+    specs = {n: None if n == UNPATCHED else load_spec(n) for n in names}
+    if args.data and not Path(args.data).expanduser().is_file():
+        raise CliError(f"--data '{args.data}' is not a file")
+    out = Path(args.out)
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model, model)
+    if isinstance(tokenizer, ByteTokenizer):
+        token_bytes = len
+    else:
+        token_bytes = lambda ids: len(tokenizer.decode(ids).encode("utf-8"))  # noqa: E731
+    tokens = _evaluation_text(args, tokenizer) if {"perplexity", "streaming"} & set(tasks) else None
+    passkey_lengths = lengths
+    if "passkey" in tasks:
+        shortest = min_passkey_length(tokenizer, passkey_keys(args.trials))
+        passkey_lengths = [n for n in lengths if n >= shortest]
+        if len(passkey_lengths) < len(lengths):
+            print(f"passkey: lengths below {shortest} tokens skipped (the prompt alone is that long)")
+    results: dict[str, list[dict]] = {task: [] for task in tasks}
+    for name, spec in specs.items():
+        evaluated = model if spec is None else patch(model, spec)
+        if "perplexity" in tasks:
+            points = perplexity_vs_length(
+                evaluated, tokens, lengths, num_windows=args.windows, token_bytes=token_bytes, desc=f"{name} perplexity"
+            )
+            results["perplexity"] += [{"method": name, **p.to_dict()} for p in points]
+        if "passkey" in tasks:
+            points = passkey_accuracy(evaluated, tokenizer, passkey_lengths, trials=args.trials, desc=f"{name} passkey")
+            results["passkey"] += [{"method": name, **p.to_dict()} for p in points]
+        if "streaming" in tasks:
+            from .evaluation import streaming_perplexity
+
+            for length in lengths:
+                result = streaming_perplexity(evaluated, tokens[:length])
+                results["streaming"].append({"method": name, "length": length, **_as_dict(result)})
+        if spec is not None:
+            model = unpatch(evaluated)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(results, out / "results.json")
+    written = [out / "results.json"]
+    if results.get("perplexity"):
+        print("\nPerplexity (the same final tokens at every length)\n")
+        print(markdown_table(results["perplexity"], "perplexity", fmt="{:.3f}"))
+        print("\nBits per byte\n")
+        print(markdown_table(results["perplexity"], "bits_per_byte", fmt="{:.3f}"))
+        written.append(plot_lines(results["perplexity"], out / "perplexity.png", "bits_per_byte", title=args.model))
+    if results.get("passkey"):
+        print("\nPasskey retrieval accuracy (mean over depths)\n")
+        print(markdown_table(_mean_over_depths(results["passkey"]), "accuracy", fmt="{:.2f}"))
+        for name in names:
+            rows = [r for r in results["passkey"] if r["method"] == name]
+            written.append(plot_passkey(rows, out / f"passkey-{_slug(name)}.png", title=f"passkey: {name}"))
+    if results.get("streaming"):
+        print("\nStreaming\n")
+        value_key = next(k for k in results["streaming"][0] if k not in ("method", "length"))
+        print(markdown_table(results["streaming"], value_key))
+        written.append(plot_lines(results["streaming"], out / "streaming.png", value_key, title=args.model))
+    print("\nWrote " + ", ".join(str(p) for p in written))
+
+
+def _as_dict(result) -> dict:
+    if isinstance(result, dict):
+        return result
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    return {"perplexity": float(result)}
+
+
+def _mean_over_depths(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["length"]), []).append(r["accuracy"])
+    return [{"method": m, "length": n, "accuracy": sum(v) / len(v)} for (m, n), v in groups.items()]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+def cmd_demo(args) -> None:
+    from .demo import QUICK, DemoSettings, run_demo
+
+    run_demo(args.out, QUICK if args.quick else DemoSettings())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-longctx", description="Retrofit Hugging Face causal LMs for long context, and measure the result."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a tiny byte-level Llama on the Python standard library and compare every technique",
+        description="Train (first run; cached afterwards) a tiny byte-level Llama at 128 bytes on the Python "
+        "standard library, then score held-out bits per byte at 1x-16x that length for each technique.",
+    )
+    demo.add_argument("--out", default="hf_longctx_demo", help="folder for results.json and the plot (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # seconds-long run for the tests
+    demo.set_defaults(run=cmd_demo)
+
+    patch = commands.add_parser(
+        "patch", help="apply a preset or spec to a model and save it", description="Apply a preset or a YAML spec "
+        "to MODEL and save the result (native transformers form where one exists)."
+    )
+    patch.add_argument("model", metavar="MODEL", help="a local model folder or a Hub repo id")
+    which = patch.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help="a preset name (see `hf-longctx presets`)")
+    which.add_argument("--spec", help="a YAML spec file")
+    patch.add_argument("--out", required=True, help="folder to write the patched model to")
+    patch.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo, with a model card")
+    patch.set_defaults(run=cmd_patch)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="perplexity, passkey retrieval and streaming perplexity against context length",
+        description="Evaluate MODEL at each context length: a table on screen, results.json and PNG plots in --out. "
+        "Without --data the text is the held-out Python standard library files of the demo.",
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="a local model folder or a Hub repo id")
+    evaluate.add_argument(
+        "--preset", help=f"comma-separated presets to compare; '{UNPATCHED}' is the model as loaded (default)"
+    )
+    evaluate.add_argument("--lengths", required=True, help="comma-separated context lengths in tokens, e.g. 1k,2k,4k")
+    evaluate.add_argument("--tasks", default="perplexity", help=f"comma-separated, from {', '.join(TASKS)} (default: %(default)s)")
+    evaluate.add_argument("--data", help="a UTF-8 text file to score (default: held-out standard library source)")
+    evaluate.add_argument("--out", default="hf_longctx_eval", help="folder for results.json and plots (default: %(default)s)")
+    evaluate.add_argument("--windows", type=int, default=32, help="perplexity windows per length (default: %(default)s)")
+    evaluate.add_argument("--trials", type=int, default=5, help="passkey trials per length and depth (default: %(default)s)")
+    evaluate.set_defaults(run=cmd_eval)
+
+    presets = commands.add_parser("presets", help="list the presets", description="List the presets with a one-line description each.")
+    presets.set_defaults(run=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from .config_base import SpecError
+
+    try:
+        args.run(args)
+    except (CliError, SpecError, OSError, ValueError) as err:
+        logger.debug("failed", exc_info=True)
+        message = " ".join(str(err).split())  # one line, whatever the exception's text looked like
+        print(f"hf-longctx: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

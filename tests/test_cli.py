@@ -1,0 +1,154 @@
+"""The hf-longctx commands with small settings, and their one-line errors."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hf_longctx
+from hf_longctx import cli, demo
+from hf_longctx.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ascii_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    rng = random.Random(0)
+    path.write_text("".join(rng.choice("abcdefgh ij.\n") for _ in range(4000)))
+    return path
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_presets_lists_every_preset_with_its_description(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0
+    presets = hf_longctx.list_presets()
+    assert presets, "no presets shipped"
+    lines = out.strip().splitlines()
+    assert len(lines) == len(presets)
+    for line, (name, description) in zip(lines, presets.items()):
+        assert line.split()[0] == name and line.endswith(description)
+
+
+@pytest.mark.parametrize("command", ["demo", "patch", "eval", "presets"])
+def test_every_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"hf-longctx {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["preset", "spec"])
+def test_patch_writes_a_model_that_loads_patched(capsys, tmp_path, model_dir, how):
+    if how == "preset":
+        choice = ["--preset", "yarn-4x"]
+    else:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text("rope:\n  type: yarn\n  factor: 4.0\n")
+        choice = ["--spec", spec]
+    code, out, _ = run(capsys, "patch", model_dir, *choice, "--out", tmp_path / "out")
+    assert code == 0 and "rope" in out
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 4.0
+    loaded = hf_longctx.from_pretrained(tmp_path / "out").eval()
+    expected = hf_longctx.patch(tiny_model("llama", seed=0), {"rope": {"type": "yarn", "factor": 4.0}})
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_eval_on_a_local_model_with_presets(capsys, tmp_path, model_dir, ascii_text):
+    code, out, _ = run(
+        capsys, "eval", model_dir, "--preset", "none,yarn-4x", "--lengths", "32,64,256",
+        "--tasks", "perplexity,passkey", "--data", ascii_text, "--out", tmp_path, "--windows", "2", "--trials", "1",
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    ppl = results["perplexity"]
+    assert [(r["method"], r["length"]) for r in ppl] == [(m, n) for m in ("none", "yarn-4x") for n in (32, 64, 256)]
+    assert all(r["bits_per_byte"] == pytest.approx(r["bits_per_token"]) for r in ppl)  # bytes as tokens
+    # YaRN changes the rotation at every position, so it changes the scores (slightly: a random model).
+    assert ppl[2]["nll"] != ppl[5]["nll"]
+    passkey = results["passkey"]
+    # The prompt alone is longer than 64 bytes: only 256 is evaluated, at the five default depths.
+    assert [(r["method"], r["length"]) for r in passkey] == [(m, 256) for m in ("none", "yarn-4x") for _ in range(5)]
+    assert all(r["accuracy"] in (0.0, 1.0) and r["trials"] == 1 for r in passkey)
+    assert "passkey: lengths below" in out
+    assert "| none |" in out and "| yarn-4x |" in out
+    for name in ("perplexity.png", "passkey-none.png", "passkey-yarn-4x.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["eval", "{tmp}/missing", "--lengths", "1k"], "missing"),
+        (["eval", "{model}", "--lengths", "1x,2k"], "bad length '1x'"),
+        (["eval", "{model}", "--lengths", "1k", "--tasks", "speed"], "unknown task 'speed'"),
+        (["eval", "{model}", "--lengths", "1k", "--preset", "yarn-5x"], "unknown preset 'yarn-5x'"),
+        (["eval", "{model}", "--lengths", "64", "--data", "{tmp}/nothing.txt"], "nothing.txt"),
+        (["eval", "{model}", "--lengths", "64k", "--data", "{data}", "--windows", "1"], "65536"),
+        (["patch", "{model}", "--preset", "nope", "--out", "{tmp}/o"], "unknown preset 'nope'"),
+        (["patch", "{model}", "--spec", "{tmp}/absent.yaml", "--out", "{tmp}/o"], "absent.yaml"),
+        (["patch", "{tmp}", "--preset", "yarn-4x", "--out", "{tmp}/o"], "no config.json"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(capsys, tmp_path, model_dir, ascii_text, argv, expected):
+    argv = [a.format(tmp=tmp_path, model=model_dir, data=ascii_text) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    # Progress bars (loading weights) may precede it; the error itself is one line, no traceback.
+    errors = [line for line in err.splitlines() if line.startswith("hf-longctx: error: ")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err, err
+
+
+def test_console_script_reports_bad_input_in_one_line(tmp_path):
+    script = shutil.which("hf-longctx", path=os.path.dirname(sys.executable))
+    assert script, "the hf-longctx console script is not installed next to this Python"
+    argv = [script, "patch", str(tmp_path / "nowhere"), "--preset", "yarn-4x", "--out", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"hf-longctx: error: model '{tmp_path / 'nowhere'}' is neither an existing folder nor a Hub repo id (owner/name)"
+    ]
+
+
+def test_demo_quick_trains_once_then_uses_the_cache(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    code, out, _ = run(capsys, "demo", "--quick", "--out", tmp_path / "first")
+    assert code == 0
+    rows = json.loads((tmp_path / "first" / "results.json").read_text())
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    assert methods[:5] == ["none", "linear", "ntk", "dynamic", "yarn"]
+    assert methods[-2:] == ["rope fine-tuned 4x", "yarn 4x fine-tuned 4x"]
+    assert {r["length"] for r in rows} == {16, 32, 64}
+    assert all(set(r) == {"method", "length", "bits_per_byte"} and r["bits_per_byte"] > 0 for r in rows)
+    assert (tmp_path / "first" / "bits_per_byte.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| none |" in out
+    cached = list((tmp_path / "cache" / "hf_longctx").glob("demo-*/*/model.safetensors"))
+    assert len(cached) == 3  # base and the two fine-tunes
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached rerun must not train")
+
+    monkeypatch.setattr(demo, "train", no_training)
+    code, _, _ = run(capsys, "demo", "--quick", "--out", tmp_path / "again")
+    assert code == 0
+    assert json.loads((tmp_path / "again" / "results.json").read_text()) == rows
