@@ -1,0 +1,196 @@
+"""The fine-tuning pipeline behind ``recipes/finetune.py``.
+
+load the model (pretrained, or random from a config) -> ``hf_longctx.patch`` -> optional
+LoRA (LongLoRA: adapters on the attention projections, embeddings and norms trained in
+full) -> documents -> tokenized -> packed to ``context_length`` -> ``transformers.Trainer``
+(FSDP2, activation checkpointing, mixed precision, gradient accumulation, LR schedule,
+checkpoints and resume, progress bar, logs: all from ``TrainingArguments`` and the
+accelerate config) -> ``hf_longctx.save_pretrained`` with the patch recorded -> optional push.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+from ..hub import from_pretrained, push_to_hub, save_pretrained
+from ..patching import patch
+from .arguments import DataArguments, LoraArguments, ModelArguments
+from .data import load_documents, packed_dataset, tokenize_documents
+from .fsdp import check_sharded, enable_cpu_fsdp, fsdp_requested, prepare_cpu_fsdp
+from .loss import use_chunked_loss
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"  # subfolder of output_dir holding the LoRA adapter (peft format)
+
+
+def load_model(model_args: ModelArguments, seed: int) -> PreTrainedModel:
+    """The causal LM to train, patched as ``model_args.patch`` says, with the KV cache off for training."""
+    dtype = getattr(torch, model_args.dtype)
+    if model_args.model_config is not None:
+        config = model_args.model_config
+        if isinstance(config, dict):
+            config = AutoConfig.for_model(**config)
+        else:
+            config = AutoConfig.from_pretrained(config)
+        set_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+        )
+    if model_args.patch is not None:
+        patched = patch(model, model_args.patch)
+        if patched is not model:
+            raise ValueError(
+                f"the patch {model_args.patch!r} wraps the model ({type(patched).__name__}); "
+                "this recipe trains plain causal LMs (use rope, alibi, attention or moe sections)"
+            )
+    # Packed batches need the mask built from position_ids, which transformers skips when a cache exists.
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model: PreTrainedModel, lora_args: LoraArguments):
+    """Wrap ``model`` in a peft ``PeftModel`` with LoRA adapters (LongLoRA style ``modules_to_save``)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=list(lora_args.lora_target_modules),
+        modules_to_save=list(lora_args.lora_modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    logger.info("LoRA: %d of %d parameters trainable (%.2f%%)", trainable, total, 100 * trainable / total)
+    return peft_model
+
+
+def build_dataset(data_args: DataArguments, tokenizer, training_args: TrainingArguments):
+    """Documents -> tokens -> packed sequences; the main process builds the ``datasets`` cache first."""
+    with training_args.main_process_first(desc="preparing the dataset"):
+        documents = load_documents(data_args.dataset, config=data_args.dataset_config, split=data_args.split)
+        if data_args.max_documents is not None:
+            documents = documents.select(range(min(data_args.max_documents, len(documents))))
+        tokenized = tokenize_documents(documents, tokenizer, data_args.text_column, data_args.add_eos)
+        return packed_dataset(tokenized, data_args.context_length)
+
+
+class LongContextTrainer(Trainer):
+    """``Trainer`` whose FSDP launch shards on CPU-only machines too (see :mod:`.fsdp`)."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if enable_cpu_fsdp(self.accelerator):
+            self.is_fsdp_enabled = True
+
+
+class CheckShardedCallback(TrainerCallback):
+    """Fail at the start of training if FSDP was requested but the parameters are not sharded."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        check_sharded(model)
+
+
+def _move_activation_checkpointing_to_fsdp(training_args: TrainingArguments) -> None:
+    # Under FSDP2 checkpointing must be applied by accelerate before fully_shard; one switch serves both launches.
+    if fsdp_requested() and training_args.activation_checkpointing:
+        os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = "true"
+        training_args.activation_checkpointing = False
+
+
+def save_final_model(trainer: Trainer, model_args: ModelArguments, lora_args: LoraArguments, tokenizer) -> Path:
+    """Write the trained model to ``output_dir`` with ``hf_longctx.save_pretrained`` (patch recorded).
+
+    Full fine-tuning: the full state dict is gathered from the shards. LoRA: the adapter goes to
+    ``output_dir/adapter``; with ``merge_lora`` the main process rebuilds the base model, loads the
+    adapter, merges it and saves the merged model to ``output_dir``.
+    """
+    accelerator = trainer.accelerator
+    output_dir = Path(trainer.args.output_dir)
+    state_dict = accelerator.get_state_dict(trainer.model)  # collective under FSDP: every rank calls it
+    unwrapped = accelerator.unwrap_model(trainer.model)
+    if accelerator.is_main_process:
+        if lora_args.lora:
+            unwrapped.save_pretrained(output_dir / ADAPTER_DIR, state_dict=state_dict)
+            if lora_args.merge_lora:
+                from peft import PeftModel
+
+                base = load_model(model_args, trainer.args.seed)
+                merged = PeftModel.from_pretrained(base, output_dir / ADAPTER_DIR).merge_and_unload()
+                save_pretrained(merged, output_dir)
+        else:
+            save_pretrained(unwrapped, output_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+    return output_dir
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    training_args: TrainingArguments,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Trainer:
+    """The whole recipe; returns the trainer after training and saving."""
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed below, with the model card
+    _move_activation_checkpointing_to_fsdp(training_args)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    model = load_model(model_args, training_args.seed)
+    if model_args.loss_chunk_size:
+        use_chunked_loss(model, model_args.loss_chunk_size)
+    if lora_args.lora:
+        model = add_lora(model, lora_args)
+    train_dataset = build_dataset(data_args, tokenizer, training_args)
+    trainer = LongContextTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        callbacks=[CheckShardedCallback(), *(callbacks or [])],
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()
+    output_dir = save_final_model(trainer, model_args, lora_args, tokenizer)
+    if push and trainer.accelerator.is_main_process:
+        repo_id = training_args.hub_model_id or output_dir.name
+        url = push_to_hub(
+            from_pretrained(output_dir),
+            repo_id,
+            private=training_args.hub_private_repo,
+            token=training_args.hub_token,
+            base_model_name=model_args.model_name_or_path,
+            tokenizer=tokenizer,
+        )
+        logger.info("pushed %s to %s", output_dir, url)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    """Entry point of ``recipes/finetune.py``: parse the config and command line, then :func:`run`."""
+    from .arguments import parse_args
+
+    prepare_cpu_fsdp()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return run(*parse_args(argv))
