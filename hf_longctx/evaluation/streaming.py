@@ -1,0 +1,156 @@
+"""Streaming perplexity: the StreamingLLM / attention_sinks protocol over one long token stream.
+
+The stream is fed in order, ``chunk`` tokens at a time (1 by default, as in the papers), into
+one cache that is never reset; every token but the first is predicted once, from what the cache
+holds at that moment. At each checkpoint the cumulative perplexity, the cache size, the memory
+and the mean time per token since the previous checkpoint are recorded, so a curve shows whether
+quality holds and memory and time stay flat far beyond the window.
+
+Baselines use the same loop: ``cache=DynamicCache()`` is the dense model (all tokens kept,
+absolute positions), ``SinkCache(0, W)`` is a window without sinks, and ``recompute=True`` is
+the sliding window with re-computation of StreamingLLM: each token re-reads its sinks and last
+``window`` tokens from scratch, with no cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
+
+from ..streaming.cache import SinkCache
+from ..streaming.patch import streaming_forward
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamingPoint:
+    """The state of the stream after ``tokens`` predictions."""
+
+    tokens: int  # predictions scored so far (tokens streamed - 1)
+    nll: float  # mean negative log-likelihood over all predictions so far, nats per token
+    perplexity: float  # exp(nll)
+    cache_tokens: int  # tokens held by the cache (first layer); the kept context for recompute
+    cache_bytes: int  # bytes of cached keys and values, all layers
+    peak_memory_bytes: int  # CUDA: max allocated; CPU: the process' peak resident set
+    ms_per_token: float  # mean wall time per token since the previous checkpoint
+
+
+@dataclass
+class StreamingResult:
+    sink_tokens: int
+    window: int
+    method: str  # "sinks", "dense", "recompute", or the cache class name
+    points: list[StreamingPoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _cache_size(cache: Cache | None) -> tuple[int, int]:
+    if cache is None or not cache.layers or not cache.layers[0].is_initialized:
+        return 0, 0
+    tokens = cache.layers[0].keys.shape[-2]
+    size = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized)
+    return tokens, size
+
+
+def _kept(t: int, sink_tokens: int, window: int) -> list[int]:
+    return sorted(set(range(min(sink_tokens, t + 1))) | set(range(max(0, t + 1 - window), t + 1)))
+
+
+@torch.no_grad()
+def streaming_perplexity(
+    model: nn.Module,
+    token_ids: torch.Tensor | Sequence[int],
+    sink_tokens: int = 4,
+    window: int = 1020,
+    *,
+    chunk: int = 1,
+    checkpoints: Sequence[int] | None = None,
+    num_checkpoints: int = 8,
+    cache: Cache | None = None,
+    recompute: bool = False,
+    progress: bool = True,
+) -> StreamingResult:
+    """Stream ``token_ids`` (``[N]`` or ``[1, N]``) through ``model`` and score every next token.
+
+    ``sink_tokens``/``window``: S and W of the SinkCache (or of the recomputed context).
+    ``checkpoints``: prediction counts at which to record a point (default ``num_checkpoints``
+    evenly spaced up to ``N - 1``). ``cache``: stream into this cache instead of a fresh
+    ``SinkCache(sink_tokens, window)`` (e.g. ``DynamicCache()`` for the dense baseline).
+    A SinkCache streams in the cache position frame (positions never exceed ``S + W - 1``), the
+    model patched for streaming or not.
+    """
+    model.eval()
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1).to(model.device)
+    total = ids.shape[1] - 1
+    if total < 1:
+        raise ValueError(f"the stream needs at least 2 tokens, got {ids.shape[1]}")
+    if checkpoints is None:
+        checkpoints = sorted({max(1, round(total * (i + 1) / num_checkpoints)) for i in range(num_checkpoints)})
+    bad = [c for c in checkpoints if not 1 <= c <= total]
+    if bad:
+        raise ValueError(f"checkpoints must lie in 1..{total} (predictions in the stream), got {bad}")
+    if recompute:
+        cache, method = None, "recompute"
+    else:
+        cache = cache if cache is not None else SinkCache(sink_tokens, window, model=model)
+        method = "sinks" if isinstance(cache, SinkCache) else type(cache).__name__
+    forward = type(model).forward.__get__(model)  # the class forward, under any streaming patch
+    result = StreamingResult(sink_tokens=sink_tokens, window=window, method=method)
+    nll = torch.empty(total, dtype=torch.float64)
+    pending = sorted(checkpoints)
+    last_time, last_count = time.perf_counter(), 0
+    bar = tqdm(total=total, desc=f"streaming ppl ({method})", disable=not progress, unit="tok")
+    start = 0
+    while start < total:
+        size = min(chunk, total - start)
+        if recompute:
+            context = _kept(start, sink_tokens, window)
+            logits = model(ids[:, context]).logits[:, -1:].float()
+        elif isinstance(cache, SinkCache):
+            step = streaming_forward(model, forward, cache, input_ids=ids[:, start : start + size], prefill_chunk=chunk)
+            logits = step.logits.float()
+        else:
+            logits = model(ids[:, start : start + size], cache=cache, use_cache=True).logits.float()
+        size = logits.shape[1]
+        targets = ids[0, start + 1 : start + 1 + size]
+        nll[start : start + size] = torch.nn.functional.cross_entropy(logits[0], targets, reduction="none").double().cpu()
+        start += size
+        bar.update(size)
+        while pending and pending[0] <= start:
+            count = pending.pop(0)
+            now = time.perf_counter()
+            mean = nll[:count].mean().item()
+            cache_tokens, cache_bytes = _cache_size(cache) if cache is not None else (len(_kept(start, sink_tokens, window)), 0)
+            result.points.append(
+                StreamingPoint(
+                    tokens=count,
+                    nll=mean,
+                    perplexity=math.exp(mean),
+                    cache_tokens=cache_tokens,
+                    cache_bytes=cache_bytes,
+                    peak_memory_bytes=_peak_memory(ids.device),
+                    ms_per_token=1000 * (now - last_time) / max(start - last_count, 1),
+                )
+            )
+            last_time, last_count = now, start
+    bar.close()
+    logger.info("streaming perplexity (%s, S=%d, W=%d): %.3f", method, sink_tokens, window, result.points[-1].perplexity)
+    return result
