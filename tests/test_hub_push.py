@@ -11,6 +11,7 @@ and reloaded models. The tests then inspect what the server received and compare
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -121,7 +122,9 @@ def test_pushed_files_arrive(pushed, name):
         assert "- **rope**: `type` = 'yarn', `factor` = 4" in card
     else:
         assert "- **alibi**: defaults" in card
-    assert f"hf_longctx.from_pretrained({repo_id(name)!r})" in card
+    snippet = ast.parse(card.split("```python\n", 1)[1].split("```", 1)[0])  # the card's loading code
+    loads = [c for c in ast.walk(snippet) if isinstance(c, ast.Call) and ast.unparse(c.func) == "hf_longctx.from_pretrained"]
+    assert [ast.literal_eval(c.args[0]) for c in loads] == [repo_id(name)]
 
     commit_urls = json.loads((out / "commit_urls.json").read_text())
     head, _ = hub.revision(repo_id(name))
