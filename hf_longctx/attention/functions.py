@@ -109,7 +109,7 @@ def flex_path(query, key, value, *, scaling, window, sink_tokens, alibi_slopes, 
     Compiled on CUDA; eager (slow, forward only in practice) on the CPU. Sink logits use
     flex's log-sum-exp: softmax over [scores, sink] = softmax(scores) * sigmoid(lse - sink).
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
     q_len, kv_len = query.shape[2], key.shape[2]
     offset = kv_len - q_len
@@ -137,10 +137,10 @@ def flex_path(query, key, value, *, scaling, window, sink_tokens, alibi_slopes, 
 
     run = flex_attention if not query.is_cuda else torch.compile(flex_attention)
     block_mask = create_block_mask(mask_mod, None, None, q_len, kv_len, device=query.device)
-    out, lse = run(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                   enable_gqa=query.shape[1] != key.shape[1], return_lse=True)
+    out, aux = run(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                   enable_gqa=query.shape[1] != key.shape[1], return_aux=AuxRequest(lse=True))
     if sink_logits is not None:
-        out = out * torch.sigmoid(lse - sink_logits.float().view(1, -1, 1))[..., None].to(out.dtype)
+        out = out * torch.sigmoid(aux.lse - sink_logits.float().view(1, -1, 1))[..., None].to(out.dtype)
     return out.transpose(1, 2).contiguous()
 
 
