@@ -3,13 +3,15 @@
 Queries are processed in blocks of `block_size` rows; each block attends only to the keys
 its mask can reach (the sliding-window range `[first_pos - W + 1, last_pos]` plus the
 sink keys), so a window of W costs O(N·W) time and O(block_size·(W + block_size)) memory
-instead of O(N²). Packed documents are attended one at a time. Differentiable through
-autograd; fp16/bf16 blocks are computed in fp32, as the Triton kernel accumulates.
+instead of O(N²). Blocks without sink logits run through SDPA's fused kernel. Packed
+documents are attended one at a time. Differentiable through autograd; fp16/bf16 blocks
+are computed in fp32, as the Triton kernel accumulates.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .reference import attend, visible
 
@@ -35,14 +37,21 @@ def _attend_sequence(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink
             vb = torch.cat([v[:, :, :sink_end], vb], dim=2)
         q_pos = torch.arange(first, last + 1, device=q.device)
         mask = visible(q_pos, k_pos, causal=causal, window=window, sink_tokens=sink_tokens)
-        out = attend(q[:, :, r0:r1].to(work_dtype), kb.to(work_dtype), vb.to(work_dtype), mask, q_pos, k_pos,
-                     alibi_slopes, sink_logits, scale)
+        qb, kb, vb = q[:, :, r0:r1].to(work_dtype), kb.to(work_dtype), vb.to(work_dtype)
+        if sink_logits is None:
+            # SDPA's fused CPU kernel is about twice as fast as matmul + softmax; it has no sink column.
+            if alibi_slopes is not None:
+                distance = (q_pos[:, None] - k_pos[None, :]).abs().to(work_dtype)
+                mask = (-alibi_slopes.to(work_dtype)[:, None, None] * distance).masked_fill(~mask, float("-inf"))
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
+        else:
+            out = attend(qb, kb, vb, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale)
         outputs.append(out.to(q.dtype))
     return torch.cat(outputs, dim=2)
 
 
 def blocked_attention(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink_logits, cu_seqlens, scale,
-                      block_size: int = 256):
+                      block_size: int = 128):
     """Attention with `flash_attention` semantics on already validated inputs (see `check_inputs`).
 
     q `[B, Hq, N, D]`, k/v `[B, Hkv, M, D]` -> `[B, Hq, N, D]`; cu_seqlens int32 `[num_docs + 1]`

@@ -341,7 +341,7 @@ def _common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes)
     d = q.shape[-1]
     return dict(
         CU_SEQLENS=q if cu_seqlens is None else cu_seqlens,  # unread placeholders keep the signature fixed
-        SLOPES=q if alibi_slopes is None else alibi_slopes.float().contiguous(),
+        SLOPES=q if alibi_slopes is None else alibi_slopes.to(q.device, torch.float32).contiguous(),
         window=window or 0, sink_tokens=sink_tokens, head_dim=d,
         seq_q=q.shape[2], seq_k=k.shape[2], group_size=q.shape[1] // k.shape[1],
         CAUSAL=causal, HAS_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
