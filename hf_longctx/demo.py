@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import sysconfig
@@ -174,7 +176,11 @@ def train(
     seed: int,
     desc: str,
 ) -> nn.Module:
-    """Next-byte training on random windows of ``data`` (1-D uint8): AdamW, linear warm-up, cosine decay."""
+    """Pre-training from scratch: next-byte prediction on random windows of ``data`` (1-D uint8).
+
+    AdamW, linear warm-up, cosine decay to a tenth. (Fine-tuning goes through the recipe's
+    trainer, :func:`finetune`; this loop samples windows anywhere in the text, which packing does not.)
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.1, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
@@ -194,6 +200,51 @@ def train(
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             bar.set_postfix(bits_per_byte=f"{loss.item() / math.log(2):.3f}")
+    return model.eval()
+
+
+def finetune(model: nn.Module, files: list[Path], settings: DemoSettings) -> nn.Module:
+    """Fine-tune at ``finetune_factor`` times the trained length with the recipe's trainer.
+
+    The training files, in a seeded random order, are packed by :func:`hf_longctx.training.pack_documents`
+    (positions restart at each file) into just enough sequences for ``finetune_steps`` steps, and
+    trained by the recipe's ``LongContextTrainer`` (transformers ``Trainer``): AdamW, cosine schedule.
+    """
+    from datasets import Dataset
+    from transformers import TrainingArguments, default_data_collator
+
+    from .training import pack_documents
+    from .training.recipe import LongContextTrainer
+
+    order = list(files)
+    random.Random(settings.seed).shuffle(order)
+    length = settings.trained_length * settings.finetune_factor
+    needed = settings.finetune_steps * settings.finetune_batch_size
+    rows = list(itertools.islice(pack_documents((p.read_bytes() for p in order), length), needed))
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir,
+            max_steps=settings.finetune_steps,
+            per_device_train_batch_size=settings.finetune_batch_size,
+            learning_rate=settings.finetune_learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, settings.finetune_steps // 20),
+            weight_decay=0.1,
+            adam_beta2=0.95,
+            max_grad_norm=1.0,
+            logging_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=settings.seed,
+            dataloader_num_workers=0,
+        )
+        model.config.use_cache = False  # packed batches: the mask comes from position_ids, only without a cache
+        trainer = LongContextTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=default_data_collator
+        )
+        trainer.train()
+    model.config.use_cache = True
     return model.eval()
 
 
@@ -219,25 +270,18 @@ def _technique_available(section: str) -> bool:
     return True
 
 
-def demo_models(settings: DemoSettings, train_data: Callable[[], torch.Tensor]) -> dict[str, Callable[[], nn.Module]]:
+def demo_models(settings: DemoSettings, train_files: list[Path]) -> dict[str, Callable[[], nn.Module]]:
     """Method name -> a function giving the model to evaluate (trained or loaded from the cache)."""
     folder = cache_root() / f"demo-{settings.cache_key()}"
     top = settings.max_factor
     ft = settings.finetune_factor
-    ft_length = settings.trained_length * ft
-    data: list[torch.Tensor] = []
-
-    def text() -> torch.Tensor:
-        if not data:
-            data.append(train_data())
-        return data[0]
 
     def base() -> nn.Module:
         return _cached(
             folder / "base",
             lambda: train(
                 build_model(settings),
-                text(),
+                read_bytes(train_files),
                 steps=settings.steps,
                 batch_size=settings.batch_size,
                 length=settings.trained_length,
@@ -252,16 +296,8 @@ def demo_models(settings: DemoSettings, train_data: Callable[[], torch.Tensor]) 
             model = base()
             if spec is not None:
                 model = patch(model, spec)
-            return train(
-                model,
-                text(),
-                steps=settings.finetune_steps,
-                batch_size=settings.finetune_batch_size,
-                length=ft_length,
-                learning_rate=settings.finetune_learning_rate,
-                seed=settings.seed + 1,
-                desc=f"fine-tuning {name} at {ft_length} bytes",
-            )
+            tqdm.write(f"fine-tuning {name} at {settings.trained_length * ft} bytes")
+            return finetune(model, train_files, settings)
 
         return lambda: _cached(folder / f"finetune-{name}", make)
 
@@ -302,7 +338,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings()) -> li
         f"standard library: {len(train_files)} training files, {len(held_out_files)} held-out files "
         f"({len(held_out) / 1e6:.1f} MB held out); trained length {settings.trained_length} bytes"
     )
-    methods = demo_models(settings, lambda: read_bytes(train_files))
+    methods = demo_models(settings, train_files)
     rows = []
     for name, make in tqdm(methods.items(), desc="methods", unit="method"):
         points = perplexity_vs_length(
