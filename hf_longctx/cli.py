@@ -166,11 +166,7 @@ def cmd_eval(args) -> None:
             points = passkey_accuracy(evaluated, tokenizer, passkey_lengths, trials=args.trials, desc=f"{name} passkey")
             results["passkey"] += [{"method": name, **p.to_dict()} for p in points]
         if "streaming" in tasks:
-            from .evaluation import streaming_perplexity
-
-            for length in lengths:
-                result = streaming_perplexity(evaluated, tokens[:length])
-                results["streaming"].append({"method": name, "length": length, **_as_dict(result)})
+            results["streaming"] += _streaming_rows(name, evaluated, tokens, lengths)
         if spec is not None:
             model = unpatch(evaluated)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,19 +185,30 @@ def cmd_eval(args) -> None:
             rows = [r for r in results["passkey"] if r["method"] == name]
             written.append(plot_passkey(rows, out / f"passkey-{_slug(name)}.png", title=f"passkey: {name}"))
     if results.get("streaming"):
-        print("\nStreaming\n")
-        value_key = next(k for k in results["streaming"][0] if k not in ("method", "length"))
-        print(markdown_table(results["streaming"], value_key))
-        written.append(plot_lines(results["streaming"], out / "streaming.png", value_key, title=args.model))
+        print("\nStreaming perplexity (cumulative, one token at a time through a SinkCache)\n")
+        print(markdown_table(results["streaming"], "perplexity"))
+        written.append(plot_lines(results["streaming"], out / "streaming.png", "perplexity", title=args.model))
     print("\nWrote " + ", ".join(str(p) for p in written))
 
 
-def _as_dict(result) -> dict:
-    if isinstance(result, dict):
-        return result
-    if hasattr(result, "to_dict"):
-        return result.to_dict()
-    return {"perplexity": float(result)}
+def _streaming_rows(name: str, model, tokens, lengths: list[int]) -> list[dict]:
+    """Stream ``max(lengths)`` tokens once through a SinkCache (the model's streaming section, or
+    its defaults) and read the cumulative perplexity when ``length`` tokens have been streamed."""
+    from . import applied_sections
+    from .evaluation import streaming_perplexity
+    from .streaming.config import StreamingSpec
+
+    section = StreamingSpec.from_dict(applied_sections(model).get("streaming", {}))
+    if len(tokens) < max(lengths):
+        raise CliError(f"the evaluation text has {len(tokens)} tokens; streaming to {max(lengths)} needs that many")
+    result = streaming_perplexity(
+        model, tokens[: max(lengths)], section.sink_tokens, section.window, checkpoints=[n - 1 for n in lengths]
+    )
+    return [
+        {"method": name, "length": p.tokens + 1, "perplexity": p.perplexity, "nll": p.nll, "cache_tokens": p.cache_tokens,
+         "ms_per_token": p.ms_per_token}
+        for p in result.points
+    ]  # fmt: skip
 
 
 def _mean_over_depths(rows: list[dict]) -> list[dict]:

@@ -77,7 +77,7 @@ def test_patch_writes_a_model_that_loads_patched(capsys, tmp_path, model_dir, ho
 def test_eval_on_a_local_model_with_presets(capsys, tmp_path, model_dir, ascii_text):
     code, out, _ = run(
         capsys, "eval", model_dir, "--preset", "none,yarn-4x", "--lengths", "32,64,256",
-        "--tasks", "perplexity,passkey", "--data", ascii_text, "--out", tmp_path, "--windows", "2", "--trials", "1",
+        "--tasks", "perplexity,passkey,streaming", "--data", ascii_text, "--out", tmp_path, "--windows", "2", "--trials", "1",
     )  # fmt: skip
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
@@ -91,8 +91,11 @@ def test_eval_on_a_local_model_with_presets(capsys, tmp_path, model_dir, ascii_t
     assert [(r["method"], r["length"]) for r in passkey] == [(m, 256) for m in ("none", "yarn-4x") for _ in range(5)]
     assert all(r["accuracy"] in (0.0, 1.0) and r["trials"] == 1 for r in passkey)
     assert "passkey: lengths below" in out
+    streaming = results["streaming"]
+    assert [(r["method"], r["length"]) for r in streaming] == [(m, n) for m in ("none", "yarn-4x") for n in (32, 64, 256)]
+    assert all(r["perplexity"] > 1 and r["cache_tokens"] <= 4 + 1020 for r in streaming)
     assert "| none |" in out and "| yarn-4x |" in out
-    for name in ("perplexity.png", "passkey-none.png", "passkey-yarn-4x.png"):
+    for name in ("perplexity.png", "passkey-none.png", "passkey-yarn-4x.png", "streaming.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
