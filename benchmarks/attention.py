@@ -38,7 +38,7 @@ def _cpu_name() -> str:
 
 def run_cpu(repeats: int) -> str:
     heads, d, window = 8, 64, 512
-    lines = [f"CPU: {_cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; fp32, B=1, "
+    lines = [f"CPU: {_cpu_name()}, torch {torch.__version__}, torch threads: {torch.get_num_threads()}; fp32, B=1, "
              f"H={heads}, D={d}, causal, W={window}, forward; median of {repeats} alternating repeats.", "",
              "| N | SDPA dense mask (ms) | blocked (ms) | speed-up | max abs diff |", "|---|---|---|---|---|"]
     for n in (4096, 8192, 16384):
@@ -182,7 +182,8 @@ def _bench_cuda_config(d, n, batch, heads, name, divisor, options, rows, only=No
 def run_cuda() -> str:
     rows = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; bf16; medians of "
             "triton.testing.do_bench; TFLOP/s over visible pairs only; last column: time / ours time.", "",
-            "| D | N | B | Hq/Hkv | mask | pass | impl | ms | TFLOP/s | x ours |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| D | N | B | Hq/Hkv | mask | pass | impl | ms | TFLOP/s | x ours |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for d in (64, 128):
         heads = 2048 // d
         for n in (1024, 2048, 4096, 8192, 16384):

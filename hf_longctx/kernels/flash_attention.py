@@ -167,7 +167,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_SEQLENS, KV_BLOCKS,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    IS_VARLEN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program per (query block, sequence x head), same grid and block table as the forward; DQ is laid out like Q."""
+    """One program per (query block, sequence x head), like the forward; DQ is laid out like Q."""
     pid_m = tl.program_id(0)
     seq = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
