@@ -124,27 +124,45 @@ def use_chunked_loss(model: nn.Module, chunk_size: int = 4096) -> Callable[[], N
     (generation, evaluation of logits) run the original forward. Packed training batches
     carry ``position_ids`` restarting per document and no ``attention_mask``: the cache is
     disabled so that transformers derives the block-diagonal mask from the positions.
-    The change is on this instance only; the returned function undoes it.
-    """
-    _output_projection(model)
-    original_forward = model.forward
 
-    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, logits_to_keep=0, **kwargs):
+    The loss is computed by calling the output projection module itself (its forward takes
+    ``labels`` while this patch is on), so that when FSDP shards that module on its own
+    (as for LoRA) its hooks gather the weight for the forward and the backward and
+    reduce-scatter its gradient. The changes are on these instances only; the returned
+    function undoes them.
+    """
+    head = _output_projection(model)
+    original_forward, original_head_forward = model.forward, head.forward
+
+    def head_forward(self, hidden, labels=None, num_items_in_batch=None):
         if labels is None:
-            return original_forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
-        # Looked up per call: FSDP swaps in the gathered weight during the forward only.
-        head = _output_projection(self)
+            return original_head_forward(hidden)
+        return causal_lm_loss(hidden, self.weight, labels, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch)
+
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None,
+        logits_to_keep=0, **kwargs,
+    ):
+        if labels is None:
+            return original_forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=logits_to_keep, **kwargs,
+            )
+        if self.get_output_embeddings() is not head:
+            raise ValueError("the output embedding was replaced after use_chunked_loss (is lm_head a LoRA target?)")
         kwargs["use_cache"] = False
-        outputs = get_family(self).decoder(self)(input_ids=input_ids, **kwargs)
-        loss = causal_lm_loss(
-            outputs.last_hidden_state, head.weight, labels, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch
+        outputs = get_family(self).decoder(self)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
+        loss = head(outputs.last_hidden_state, labels=labels, num_items_in_batch=num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     model.forward = types.MethodType(forward, model)
+    head.forward = types.MethodType(head_forward, head)
 
     def undo() -> None:
         del model.forward
+        del head.forward
 
     return undo
 

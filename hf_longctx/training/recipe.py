@@ -118,6 +118,13 @@ def _move_activation_checkpointing_to_fsdp(training_args: TrainingArguments) -> 
         training_args.activation_checkpointing = False
 
 
+def merge_adapter(model_args: ModelArguments, seed: int, adapter_dir: str | Path) -> PreTrainedModel:
+    """The base model of ``model_args`` (patched) with the LoRA adapter in ``adapter_dir`` merged into it."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(model_args, seed), adapter_dir).merge_and_unload()
+
+
 def save_final_model(trainer: Trainer, model_args: ModelArguments, lora_args: LoraArguments, tokenizer) -> Path:
     """Write the trained model to ``output_dir`` with ``hf_longctx.save_pretrained`` (patch recorded).
 
@@ -133,11 +140,7 @@ def save_final_model(trainer: Trainer, model_args: ModelArguments, lora_args: Lo
         if lora_args.lora:
             unwrapped.save_pretrained(output_dir / ADAPTER_DIR, state_dict=state_dict)
             if lora_args.merge_lora:
-                from peft import PeftModel
-
-                base = load_model(model_args, trainer.args.seed)
-                merged = PeftModel.from_pretrained(base, output_dir / ADAPTER_DIR).merge_and_unload()
-                save_pretrained(merged, output_dir)
+                save_pretrained(merge_adapter(model_args, trainer.args.seed, output_dir / ADAPTER_DIR), output_dir)
         else:
             save_pretrained(unwrapped, output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
