@@ -1,0 +1,129 @@
+"""Forward+backward time of an upcycled top-2-of-8 MoE layer vs the dense MLP vs transformers' Mixtral block.
+
+    python benchmarks/moe.py [--tokens 4096] [--hidden 512] [--intermediate 1536] [--repeats 7] [--threads N]
+
+All three run side by side in one process on the same input (``[1, tokens, hidden]``, float32,
+CPU; and CUDA when a GPU is present): the dense ``LlamaMLP``, the hf_longctx ``SparseMoeBlock``
+upcycled from it (``init="copy"``, a little noise), and ``MixtralSparseMoeBlock`` holding the same
+weights, with each of transformers' expert implementations (``eager``: a loop over experts;
+``grouped_mm``). Prints a markdown table of medians and ratios to the dense MLP; a top-2 MoE
+does 2.0x the dense MLP's FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, MixtralConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+from hf_longctx.moe.layer import SparseMoeBlock
+
+
+def fwd_bwd_times(modules: dict[str, torch.nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int, device):
+    """Median seconds of ``module(x).backward(grad)`` per module, over ``repeats`` rounds after a warm-up
+    round; each round runs every module once, so a change in machine load hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for step in tqdm(range(repeats + 1), desc=f"timing on {device.type}", disable=None):
+        for name, module in modules.items():
+            module.zero_grad(set_to_none=True)
+            inp = x.detach().requires_grad_()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            module(inp).backward(grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def mixtral_block(moe: SparseMoeBlock, hidden: int, implementation: str) -> MixtralSparseMoeBlock:
+    """transformers' Mixtral block with the weights of ``moe``."""
+    experts = moe.experts
+    config = MixtralConfig(
+        hidden_size=hidden,
+        intermediate_size=experts.down_proj.shape[-1],
+        num_local_experts=experts.num_experts,
+        num_experts_per_tok=moe.gate.top_k,
+        router_jitter_noise=0.0,
+    )
+    config._experts_implementation = implementation
+    block = MixtralSparseMoeBlock(config).to(experts.down_proj.device)
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.gate.weight)
+        block.experts.gate_up_proj.copy_(experts.gate_up_proj)
+        block.experts.down_proj.copy_(experts.down_proj)
+    return block
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def run(device: torch.device, args) -> list[tuple[str, float]]:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate)
+    dense = LlamaMLP(config).to(device)
+    moe = SparseMoeBlock.from_dense(dense, "swiglu", num_experts=8, top_k=2, noise=0.01).to(device)
+    x = torch.randn(1, args.tokens, args.hidden, device=device)
+    grad = torch.randn_like(x)
+    # The MoE output must be the Mixtral block's before its time means anything.
+    reference = mixtral_block(moe, args.hidden, "eager")
+    with torch.no_grad():
+        err = (moe(x) - reference(x)).abs().max().item()
+    assert err < 1e-4, f"hf_longctx MoE differs from transformers' Mixtral block by {err}"
+    candidates = {
+        "dense MLP (LlamaMLP)": dense,
+        "hf_longctx MoE, top-2 of 8": moe,
+        "Mixtral block, experts eager": reference,
+        "Mixtral block, experts grouped_mm": mixtral_block(moe, args.hidden, "grouped_mm"),
+    }
+    return list(fwd_bwd_times(candidates, x, grad, args.repeats, device).items())
+
+
+def table(device: torch.device, rows: list[tuple[str, float]], args) -> str:
+    machine = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    dense = rows[0][1]
+    lines = [
+        f"MoE layer forward+backward, {args.tokens} tokens, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"float32, {device.type} ({machine}{threads}), torch {torch.__version__}, median of {args.repeats}:",
+        "",
+        "| layer | fwd+bwd ms | vs dense MLP |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {t * 1e3:.1f} | {t / dense:.2f}x |" for name, t in rows]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        print(table(device, run(device, args), args))
+        print()
+
+
+if __name__ == "__main__":
+    main()
