@@ -361,5 +361,13 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings()) -> li
         f"\nHeld-out bits per byte ({settings.windows} windows, the same last {scored} bytes scored at every length):\n"
     )
     print(table)
+    by_key = {(r["method"], r["length"]): r["bits_per_byte"] for r in rows}
+    reference = by_key[("none", settings.trained_length)]
+    longest = settings.lengths[-1]
+    print(
+        f"\nBits per byte at {longest} ({settings.max_factor}x) relative to the unpatched model at "
+        f"{settings.trained_length} ({reference:.3f}): "
+        + ", ".join(f"{name} {by_key[(name, longest)] / reference:.2f}x" for name in methods)
+    )
     print(f"\nWrote {out_dir / 'results.json'} and {out_dir / 'bits_per_byte.png'}")
     return rows
