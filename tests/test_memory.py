@@ -1,0 +1,233 @@
+"""RecurrentMemoryModel (``memory``): identity, segment semantics, truncated BPTT, generate, save, LoRA, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_longctx
+from hf_longctx import RecurrentMemoryModel, SpecError
+from hf_longctx.hub import EXTRA_WEIGHTS
+from hf_longctx.memory.task import PasskeyTask, evaluate_memory_task, train_memory_task
+from hf_longctx.testing import tiny_model
+
+FAMILIES = ["llama", "qwen2", "gpt_neox"]
+
+
+def _memory(model, memory_tokens=3, segment_length=5, bptt_depth=None):
+    spec = {"memory": {"memory_tokens": memory_tokens, "segment_length": segment_length, "bptt_depth": bptt_depth}}
+    wrapper = hf_longctx.patch(model, spec)
+    with torch.no_grad():  # a memory far from the embedding scale, so that a lost memory shows
+        wrapper.memory.normal_(0.0, 1.0)
+    return wrapper
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_no_memory_one_segment_is_the_base_model(model_type):
+    base = tiny_model(model_type)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0  # right padding: positions of the real tokens are unchanged
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        ref = base(input_ids=ids, attention_mask=mask, labels=labels)
+        wrapper = hf_longctx.patch(base, {"memory": {"memory_tokens": 0, "segment_length": 12}})
+        out = wrapper(input_ids=ids, attention_mask=mask, labels=labels)
+    assert isinstance(wrapper, RecurrentMemoryModel)
+    assert out.logits.shape == ref.logits.shape
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
+    assert hf_longctx.unpatch(wrapper) is base
+    assert not hasattr(base.config, "hf_longctx")
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_segments_match_the_base_model_run_by_hand(model_type):
+    """Oracle: the base model called once per segment on [memory | tokens | memory] as inputs_embeds."""
+    base = tiny_model(model_type)
+    wrapper = _memory(base, memory_tokens=3, segment_length=5)
+    ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = wrapper(input_ids=ids, labels=ids)
+        memory = wrapper.memory[None].expand(2, -1, -1)
+        logits = []
+        for start in range(0, 13, 5):
+            tokens = base.get_input_embeddings()(ids[:, start : start + 5])
+            run = base(inputs_embeds=torch.cat([memory, tokens, memory], 1), output_hidden_states=True)
+            logits.append(run.logits[:, 3 : 3 + tokens.shape[1]])
+            memory = run.hidden_states[-1][:, 3 + tokens.shape[1] :]
+        logits = torch.cat(logits, 1)
+        ref_loss = base.loss_function(logits=logits, labels=ids, vocab_size=base.config.vocab_size)
+    torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.memory, memory, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, ref_loss, atol=1e-5, rtol=0)
+
+
+def test_padding_takes_no_position_and_an_all_padding_segment_keeps_the_memory():
+    wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
+    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)  # one whole segment of left padding
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones_like(ids)], 1)
+    with torch.no_grad():
+        plain = wrapper(input_ids=ids)
+        left = wrapper(input_ids=padded, attention_mask=mask)
+    torch.testing.assert_close(left.logits[:, 4:], plain.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(left.memory, plain.memory, atol=1e-5, rtol=0)
+
+
+def _embedding_rows_reached(bptt_depth, loss_segment, segments=4, length=4):
+    """Segments whose tokens' embedding rows get a gradient; every segment has its own token ids."""
+    base = tiny_model("llama")  # untied embeddings: the LM head does not touch the input rows
+    wrapper = _memory(base, memory_tokens=2, segment_length=length, bptt_depth=bptt_depth)
+    ids = torch.stack([torch.arange(10 + 10 * s, 10 + 10 * s + length) for s in range(segments)]).reshape(1, -1)
+    labels = torch.full_like(ids, -100)
+    # Logit i is scored against labels[i + 1]: this scores only the logits of `loss_segment`.
+    labels[0, loss_segment * length + 1 : (loss_segment + 1) * length + 1] = ids[0, loss_segment * length + 1 : (loss_segment + 1) * length + 1]
+    wrapper(input_ids=ids, labels=labels).loss.backward()
+    grad = base.get_input_embeddings().weight.grad
+    rows = [grad[10 + 10 * s : 10 + 10 * s + length].abs().sum().item() for s in range(segments)]
+    return [s for s, g in enumerate(rows) if g > 0], wrapper.memory.grad
+
+
+@pytest.mark.parametrize("bptt_depth, reached", [(None, [0, 1, 2, 3]), (1, [3]), (2, [2, 3]), (3, [1, 2, 3])])
+def test_gradient_reaches_bptt_depth_segments(bptt_depth, reached):
+    assert not tiny_model("llama").config.tie_word_embeddings
+    got, memory_grad = _embedding_rows_reached(bptt_depth, loss_segment=3)
+    assert got == reached
+    # The learned memory is read by segment 0: it trains only when segment 0 is in reach.
+    assert (memory_grad is not None and memory_grad.abs().sum() > 0) == (0 in reached)
+
+
+def test_truncation_counts_back_from_the_last_segment_with_a_loss():
+    got, _ = _embedding_rows_reached(2, loss_segment=1)
+    assert got == [0, 1]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_generate_across_segment_boundaries_matches_forward(model_type):
+    """Cached generation over 4 segment boundaries equals re-running forward on the whole sequence."""
+    wrapper = _memory(tiny_model(model_type), memory_tokens=3, segment_length=5)
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    generated = wrapper.generate(ids, attention_mask=mask, max_new_tokens=14, eos_token_id=None)
+    assert generated.shape == (2, 21)
+    sequence = ids
+    with torch.no_grad():
+        for _ in range(14):
+            step_mask = torch.cat([mask, torch.ones(2, sequence.shape[1] - 7, dtype=torch.long)], 1)
+            token = wrapper(input_ids=sequence, attention_mask=step_mask).logits[:, -1].argmax(-1)
+            sequence = torch.cat([sequence, token[:, None]], 1)
+    assert torch.equal(generated, sequence)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_generate_without_memory_in_one_segment_is_transformers_generate(model_type):
+    base = tiny_model(model_type)
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    expected = base.generate(ids, max_new_tokens=10, do_sample=False)
+    wrapper = hf_longctx.patch(base, {"memory": {"memory_tokens": 0, "segment_length": 32}})
+    assert torch.equal(wrapper.generate(ids, max_new_tokens=10, do_sample=False), expected)
+
+
+def test_generate_pads_after_eos_and_rejects_unknown_options():
+    wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    free = wrapper.generate(ids, max_new_tokens=6, eos_token_id=None)
+    eos = free[0, 6].item()  # the second generated token of row 0 becomes the EOS
+    out = wrapper.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert out[0, 6] == eos and torch.all(out[0, 7:] == 0)
+    assert torch.equal(out[0, :7], free[0, :7])
+    with pytest.raises(ValueError, match="num_beams"):
+        wrapper.generate(ids, num_beams=2)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(6))
+    options = dict(max_new_tokens=9, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, eos_token_id=None)
+    torch.manual_seed(0)
+    first = wrapper.generate(ids, **options)
+    torch.manual_seed(0)
+    assert torch.equal(wrapper.generate(ids, **options), first)
+    assert torch.all((first >= 0) & (first < 128))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_save_and_reload_gives_identical_logits(tmp_path, model_type):
+    wrapper = _memory(tiny_model(model_type), memory_tokens=3, segment_length=5, bptt_depth=2)
+    ids = torch.randint(3, 128, (2, 17), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = wrapper(input_ids=ids).logits
+    wrapper.save_pretrained(tmp_path)
+    assert (tmp_path / EXTRA_WEIGHTS).is_file() and not list(tmp_path.glob("*.bin"))
+    loaded = RecurrentMemoryModel.from_pretrained(tmp_path)
+    assert hf_longctx.applied_sections(loaded) == {"memory": {"memory_tokens": 3, "segment_length": 5}}
+    assert torch.equal(loaded.memory, wrapper.memory)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    assert type(hf_longctx.unpatch(loaded)).__name__.endswith("ForCausalLM")
+
+
+def test_loading_memory_of_another_shape_names_both_shapes():
+    wrapper = _memory(tiny_model("llama"), memory_tokens=3)
+    with pytest.raises(ValueError, match=r"\(4, 64\).*\(3, 64\)"):
+        wrapper.load_hf_longctx_extra_state_dict({"memory_embeddings": torch.zeros(4, 64)})
+
+
+def test_lora_on_the_wrapped_model_trains_with_the_memory(tmp_path):
+    peft = pytest.importorskip("peft")
+    wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
+    lora = peft.get_peft_model(wrapper.hf_longctx_base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    frozen = {n: p.detach().clone() for n, p in wrapper.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in wrapper.named_parameters() if p.requires_grad}
+    assert "memory" in trainable and any("lora_" in n for n in trainable)
+    assert all("lora_" in n for n in trainable if n != "memory")
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(8))
+    optimizer = torch.optim.SGD([p for p in wrapper.parameters() if p.requires_grad], lr=0.1)
+    wrapper(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    params = dict(wrapper.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())
+    assert all(not torch.equal(params[n], p) for n, p in trainable.items())
+
+    lora.merge_and_unload()
+    with torch.no_grad():
+        expected = wrapper(input_ids=ids).logits
+    hf_longctx.save_pretrained(wrapper, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(hf_longctx.from_pretrained(tmp_path)(input_ids=ids).logits, expected)
+
+
+def test_bad_targets_are_rejected_before_anything_changes():
+    from transformers import AutoModel
+
+    from hf_longctx.testing import tiny_config
+
+    decoder_only = AutoModel.from_config(tiny_config("llama"))
+    with pytest.raises(SpecError, match="LlamaModel"):
+        hf_longctx.patch(decoder_only, {"memory": {"memory_tokens": 2}})
+    assert not hasattr(decoder_only.config, "hf_longctx")
+    with pytest.raises(SpecError, match="memory_tokens"):
+        hf_longctx.patch(tiny_model("llama"), {"memory": {"memory_tokens": -1}})
+
+
+def test_preset():
+    assert "rmt-16x512" in hf_longctx.list_presets()
+    spec = hf_longctx.load_spec("rmt-16x512")
+    assert (spec.memory.memory_tokens, spec.memory.segment_length, spec.memory.bptt_depth) == (16, 512, 2)
+
+
+@pytest.mark.slow
+def test_memory_task_is_learned_with_memory_and_not_without():
+    """The passkey sits 4 segments before its question: chance is 1/16 without memory."""
+    task = PasskeyTask()
+    accuracy = {}
+    for memory_tokens in (4, 0):
+        torch.manual_seed(0)
+        spec = {"memory": {"memory_tokens": memory_tokens, "segment_length": task.segment_length, "bptt_depth": None}}
+        wrapper = hf_longctx.patch(tiny_model("llama", seed=0), spec)
+        train_memory_task(wrapper, task, seed=0)
+        accuracy[memory_tokens] = evaluate_memory_task(wrapper, task, seed=1)
+    assert accuracy[4] >= 0.9
+    assert accuracy[0] <= 3 / task.num_values
