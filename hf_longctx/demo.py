@@ -6,7 +6,7 @@ split by a hash of their path, so the held-out files never reach training and th
 same everywhere. The first run trains the model at a short context (128 bytes) and fine-tunes two
 copies at 4x (plain RoPE, the control, and YaRN); all three are cached (safetensors) under
 ``$XDG_CACHE_HOME/hf_longctx`` (default ``~/.cache/hf_longctx``) in a folder named after a hash of
-the settings, so a rerun only evaluates.
+the settings, so a rerun only evaluates (a change of the fine-tuning settings keeps the pre-trained model).
 
 The evaluation scores held-out bits per byte at 1x to 16x the trained length, the same final bytes
 of the same windows at every length (:func:`hf_longctx.evaluation.perplexity_vs_length`), for the
@@ -63,22 +63,38 @@ class DemoSettings:
     finetune_learning_rate: float = 1e-3
     holdout_every: int = 20  # a file is held out when crc32(path) % holdout_every == 0
     seed: int = 0
-    # evaluation only (not part of the cache key)
+    # evaluation only (not part of any cache key)
     max_factor: int = 16  # lengths are trained_length * 1, 2, 4, ... max_factor
     windows: int = 32
     sink_tokens: int = 4
 
-    def cache_key(self) -> str:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for evaluation_only in ("max_factor", "windows", "sink_tokens"):
-            fields.pop(evaluation_only)
-        fields["python"] = list(sys.version_info[:2])  # the training text is this Python's stdlib
+    def cache_key(self, names: tuple[str, ...]) -> str:
+        """A short hash of the named fields (and of the Python version, whose stdlib is the training text)."""
+        fields = {name: getattr(self, name) for name in names}
+        fields["python"] = list(sys.version_info[:2])
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
     def lengths(self) -> list[int]:
         return [self.trained_length * 2**i for i in range(int(math.log2(self.max_factor)) + 1)]
 
+
+# The fields that decide the pre-trained model, and those that decide a fine-tune of it: each model's
+# cache folder is named after a hash of what decides it, so changing a fine-tune keeps the base model.
+BASE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "trained_length",
+    "steps",
+    "batch_size",
+    "learning_rate",
+    "holdout_every",
+    "seed",
+)
+FINETUNE_FIELDS = ("finetune_factor", "finetune_steps", "finetune_batch_size", "finetune_learning_rate")
 
 # A setting small enough for tests: seconds, not minutes (numbers are meaningless).
 QUICK = DemoSettings(
@@ -272,7 +288,7 @@ def _technique_available(section: str) -> bool:
 
 def demo_models(settings: DemoSettings, train_files: list[Path]) -> dict[str, Callable[[], nn.Module]]:
     """Method name -> a function giving the model to evaluate (trained or loaded from the cache)."""
-    folder = cache_root() / f"demo-{settings.cache_key()}"
+    folder = cache_root() / f"demo-{settings.cache_key(BASE_FIELDS)}"
     top = settings.max_factor
     ft = settings.finetune_factor
 
@@ -299,7 +315,7 @@ def demo_models(settings: DemoSettings, train_files: list[Path]) -> dict[str, Ca
             tqdm.write(f"fine-tuning {name} at {settings.trained_length * ft} bytes")
             return finetune(model, train_files, settings)
 
-        return lambda: _cached(folder / f"finetune-{name}", make)
+        return lambda: _cached(folder / f"finetune-{name}-{settings.cache_key(FINETUNE_FIELDS)}", make)
 
     def patched(spec: dict) -> Callable[[], nn.Module]:
         return lambda: patch(base(), spec)
