@@ -74,9 +74,10 @@ def test_pack_documents_positions_labels_and_splitting():
         ("llama", {"rope": {"type": "yarn", "factor": 4.0}}, {}),
         ("qwen2", {"alibi": {}}, {}),
         ("mistral", None, {"sliding_window": 6}),
+        ("mistral", {"attention": {"sliding_window": 6, "sink_tokens": 2}}, {}),
         ("gpt_neox", None, {}),
     ],
-    ids=["llama", "llama-yarn", "qwen2-alibi", "mistral-window", "gpt_neox"],
+    ids=["llama", "llama-yarn", "qwen2-alibi", "mistral-window", "mistral-window-sinks", "gpt_neox"],
 )
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_document_logits_equal_document_alone(model_type, spec, overrides, attn):
@@ -314,8 +315,11 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(runs):
     assert set(uninterrupted) == set(resumed)
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
-    log = json.loads((runs["resumed"] / "trainer_state.json").read_text())["log_history"]
-    assert [e["step"] for e in log if "loss" in e] == list(range(11, 21))  # steps 1-10 were not redone
+    logs = [json.loads((runs[run] / "trainer_state.json").read_text())["log_history"] for run in ("full", "resumed")]
+    losses = [[(e["step"], e["loss"]) for e in log if "loss" in e] for log in logs]
+    assert [step for step, _ in losses[1]] == list(range(1, 21))  # steps 1-10 restored from the checkpoint
+    for (_, resumed_loss), (_, loss) in zip(losses[1], losses[0]):
+        assert resumed_loss == pytest.approx(loss, abs=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -64,7 +64,7 @@ def sharding_report(model: nn.Module) -> dict[str, dict]:
         report[name] = {
             "shape": list(param.shape),
             "local_shape": list(param.to_local().shape if sharded else param.shape),
-            "placements": [str(p) for p in param.placements] if sharded else None,
+            "placements": [repr(p) for p in param.placements] if sharded else None,
             "requires_grad": param.requires_grad,
         }
     return report

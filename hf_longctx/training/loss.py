@@ -7,8 +7,8 @@ each chunk during the forward pass (the fused linear cross-entropy of Liger-Kern
 largest temporary is ``[chunk_size, vocab]``; backward only scales the stored gradients.
 
 :func:`use_chunked_loss` makes a transformers causal LM compute its training loss this way:
-the loss is computed inside the model's own forward, so under FSDP the output projection
-is used while FSDP has gathered it, exactly like the standard forward.
+the loss is computed by calling the output projection module, so FSDP gathers its weight
+and reduce-scatters its gradient exactly as for the standard logits.
 """
 
 from __future__ import annotations
