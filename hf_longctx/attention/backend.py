@@ -114,9 +114,6 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
 
 
 def _check(model: nn.Module, section: AttentionSpec, spec) -> None:
-    if section.sink_tokens and section.sliding_window is None:
-        raise SpecError(f"'attention.sink_tokens' = {section.sink_tokens} needs 'attention.sliding_window': "
-                        "without a window every key is already visible")
     layer_types = getattr(model.config, "layer_types", None) or []
     if section.sliding_window is not None and "sliding_attention" in layer_types:
         raise SpecError(f"this {model.config.model_type} model already has sliding-window layers (layer_types "
