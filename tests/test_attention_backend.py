@@ -185,9 +185,10 @@ def test_left_padded_batch_equals_rows_alone(backend):
             assert torch.equal(generated[r, 20 - len(row):], alone_generated[0])
 
 
-@pytest.mark.parametrize("backend", TORCH_BACKENDS + ["flex"])
-def test_packed_sequence_equals_documents_alone(backend):
-    model = tiny_model("llama", attention_dropout=0.0)
+@pytest.mark.parametrize("backend, dropout", [(b, 0.0) for b in TORCH_BACKENDS + ["flex"]] + [("auto", 1e-12)])
+def test_packed_sequence_equals_documents_alone(backend, dropout):
+    # dropout > 0 in train mode takes the torch path (the kernels have no dropout); 1e-12 never drops.
+    model = tiny_model("llama", attention_dropout=dropout).train(dropout > 0)
     hf_longctx.patch(model, attention_spec(backend, learnable_sinks=True))
     with torch.no_grad():
         for attn in get_family(model).attention_modules(model):

@@ -94,13 +94,15 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
         sinks = getattr(module, SINKS_PARAM, None)
         q_len, kv_len = query.shape[2], key.shape[2]
         dropout = dropout if module.training else 0.0
-        if backend in _DENSE_BACKENDS or attention_mask is not None or dropout > 0:
+        cu_seqlens = packed_cu_seqlens(position_ids, q_len, kv_len) if attention_mask is None else None
+        if backend in _DENSE_BACKENDS or attention_mask is not None or dropout > 0:  # the kernels have no dropout
             if attention_mask is None:
-                attention_mask = window_sink_mask(causal_mask(q_len, kv_len, query.device), window, sink_tokens)
+                base = causal_mask(q_len, kv_len, query.device, cu_seqlens)
+                attention_mask = window_sink_mask(base, window, sink_tokens)
             return dense_attention(query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                    alibi_slopes=slopes, sink_logits=sinks, use_sdpa=backend != "eager")
         options = dict(scaling=scaling, window=window, sink_tokens=sink_tokens, alibi_slopes=slopes,
-                       sink_logits=sinks, cu_seqlens=packed_cu_seqlens(position_ids, q_len, kv_len))
+                       sink_logits=sinks, cu_seqlens=cu_seqlens)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         if backend == "flex" and (query.is_cuda or not needs_grad):  # flex has no backward on the CPU
             return flex_path(query, key, value, **options), None

@@ -44,9 +44,16 @@ def window_sink_mask(base: torch.Tensor, window: int | None, sink_tokens: int) -
     return base & keep
 
 
-def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """``[1, 1, N, M]`` bottom-right aligned causal mask: query row r sits at position M - N + r."""
-    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
+def causal_mask(q_len: int, kv_len: int, device, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """``[1, 1, N, M]`` bottom-right aligned causal mask: query row r sits at position M - N + r.
+
+    With ``cu_seqlens`` (packed documents, N == M) keys of another document are hidden too.
+    """
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+    if cu_seqlens is not None:
+        doc = torch.searchsorted(cu_seqlens.to(torch.int64), torch.arange(kv_len, device=device), right=True)
+        mask = mask & (doc[:, None] == doc[None, :])
+    return mask[None, None]
 
 
 def packed_cu_seqlens(position_ids: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
