@@ -193,16 +193,17 @@ def test_packed_sequence_equals_documents_alone(backend, dropout):
     with torch.no_grad():
         for attn in get_family(model).attention_modules(model):
             attn.sinks.copy_(torch.randn(attn.sinks.shape))
-    docs = [tokens(1, n, seed=n)[0] for n in (9, 14, 5)]
-    packed = torch.cat(docs)[None]
-    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    rows = [[tokens(1, n, seed=n)[0] for n in lengths] for lengths in ((9, 14, 5), (14, 5, 9))]  # two packed rows
+    packed = torch.stack([torch.cat(docs) for docs in rows])
+    position_ids = torch.stack([torch.cat([torch.arange(len(d)) for d in docs]) for docs in rows])
     with torch.set_grad_enabled(backend != "flex"):
-        logits = model(packed, position_ids=position_ids, use_cache=False).logits[0]
-        start = 0
-        for doc in docs:
-            alone = model(doc[None], use_cache=False).logits[0]
-            torch.testing.assert_close(logits[start:start + len(doc)], alone, atol=ATOL, rtol=0)
-            start += len(doc)
+        logits = model(packed, position_ids=position_ids, use_cache=False).logits
+        for r, docs in enumerate(rows):
+            start = 0
+            for doc in docs:
+                alone = model(doc[None], use_cache=False).logits[0]
+                torch.testing.assert_close(logits[r, start:start + len(doc)], alone, atol=ATOL, rtol=0)
+                start += len(doc)
         if backend != "flex":
             logits.sum().backward()
             assert all(p.grad is not None for p in model.parameters())

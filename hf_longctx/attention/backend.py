@@ -30,7 +30,7 @@ initialised to ``SINK_INIT`` so that the outputs are unchanged at first.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from torch import nn
@@ -42,7 +42,8 @@ from ..families import get_family
 from ..patching import Applied, Technique, register_technique
 from ..positions import module_alibi_slopes
 from .config import AttentionSpec
-from .functions import causal_mask, dense_attention, flex_path, kernel_path, packed_cu_seqlens, window_sink_mask
+from .functions import (causal_mask, cu_seqlens_of, dense_attention, flex_path, kernel_path, packed_documents,
+                        window_sink_mask)
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +95,28 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
         sinks = getattr(module, SINKS_PARAM, None)
         q_len, kv_len = query.shape[2], key.shape[2]
         dropout = dropout if module.training else 0.0
-        cu_seqlens = packed_cu_seqlens(position_ids, q_len, kv_len) if attention_mask is None else None
+        documents = None
+        if attention_mask is None:
+            documents = packed_documents(position_ids, query.shape[0], q_len, kv_len)
         if backend in _DENSE_BACKENDS or attention_mask is not None or dropout > 0:  # the kernels have no dropout
             if attention_mask is None:
-                base = causal_mask(q_len, kv_len, query.device, cu_seqlens)
-                attention_mask = window_sink_mask(base, window, sink_tokens)
+                attention_mask = window_sink_mask(causal_mask(q_len, kv_len, query.device, documents), window,
+                                                  sink_tokens)
             return dense_attention(query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                    alibi_slopes=slopes, sink_logits=sinks, use_sdpa=backend != "eager")
-        options = dict(scaling=scaling, window=window, sink_tokens=sink_tokens, alibi_slopes=slopes,
-                       sink_logits=sinks, cu_seqlens=cu_seqlens)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         if backend == "flex" and (query.is_cuda or not needs_grad):  # flex has no backward on the CPU
-            return flex_path(query, key, value, **options), None
-        return kernel_path(query, key, value, backend="triton" if backend == "triton" else "auto", **options), None
+            run = flex_path
+        else:
+            run = partial(kernel_path, backend="triton" if backend == "triton" else "auto")
+        options = dict(scaling=scaling, window=window, sink_tokens=sink_tokens, alibi_slopes=slopes,
+                       sink_logits=sinks)
+        if documents is None:
+            return run(query, key, value, cu_seqlens=None, **options), None
+        # cu_seqlens describes one packed row: run the rows one by one.
+        rows = [run(query[b:b + 1], key[b:b + 1], value[b:b + 1], cu_seqlens=cu_seqlens_of(documents[b]), **options)
+                for b in range(query.shape[0])]
+        return torch.cat(rows), None
 
     # The flag tells the ALiBi patch to leave this function in charge when applied after it.
     attention_forward.reads_alibi_slopes = True

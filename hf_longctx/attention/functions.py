@@ -44,32 +44,37 @@ def window_sink_mask(base: torch.Tensor, window: int | None, sink_tokens: int) -
     return base & keep
 
 
-def causal_mask(q_len: int, kv_len: int, device, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """``[1, 1, N, M]`` bottom-right aligned causal mask: query row r sits at position M - N + r.
+def causal_mask(q_len: int, kv_len: int, device, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B or 1, 1, N, M]`` bottom-right aligned causal mask: query row r sits at position M - N + r.
 
-    With ``cu_seqlens`` (packed documents, N == M) keys of another document are hidden too.
+    With ``documents`` ``[B, N]`` (packed rows, N == M) keys of another document are hidden too.
     """
-    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
-    if cu_seqlens is not None:
-        doc = torch.searchsorted(cu_seqlens.to(torch.int64), torch.arange(kv_len, device=device), right=True)
-        mask = mask & (doc[:, None] == doc[None, :])
-    return mask[None, None]
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
+    if documents is not None:
+        mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
+    return mask
 
 
-def packed_cu_seqlens(position_ids: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
-    """int32 ``[num_docs + 1]`` document bounds from packed ``position_ids`` ``[1, N]``, or None.
+def packed_documents(position_ids: torch.Tensor | None, batch_size: int, q_len: int, kv_len: int):
+    """Document ids ``[B, N]`` of packed rows (DataCollatorWithFlattening), or None when nothing is packed.
 
-    A document starts wherever the position does not follow the previous one (as in
-    transformers' ``find_packed_sequence_indices`` and ``DataCollatorWithFlattening``).
-    Only a single row without cached keys (N == M) can be packed.
+    A document starts wherever the position does not follow the previous one, as in
+    transformers' ``find_packed_sequence_indices``. Only rows without cached keys (N == M) can be packed.
     """
-    if position_ids is None or position_ids.shape[0] != 1 or q_len != kv_len or position_ids.shape[-1] != q_len:
+    if position_ids is None or q_len != kv_len or position_ids.shape[-1] != q_len:
         return None
-    starts = torch.nonzero(position_ids[0, 1:] != position_ids[0, :-1] + 1).flatten() + 1
-    if starts.numel() == 0:
+    position_ids = position_ids.expand(batch_size, -1)
+    starts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(starts.any()):
         return None
-    bounds = [0, *starts.tolist(), q_len]
-    return torch.tensor(bounds, dtype=torch.int32, device=position_ids.device)
+    return torch.nn.functional.pad(starts, (1, 0)).cumsum(dim=-1)
+
+
+def cu_seqlens_of(documents: torch.Tensor) -> torch.Tensor:
+    """int32 ``[num_docs + 1]`` bounds of one row's document ids ``[N]``."""
+    starts = torch.nonzero(documents[1:] != documents[:-1]).flatten() + 1
+    bounds = [0, *starts.tolist(), documents.shape[0]]
+    return torch.tensor(bounds, dtype=torch.int32, device=documents.device)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
