@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PasskeyTask:
-    segment_length: int = 16
+    segment_length: int = 8
     num_segments: int = 5  # the question is num_segments - 1 segments after the passkey
     num_values: int = 16
     key_token: int = 3
@@ -75,7 +75,7 @@ def evaluate_memory_task(model, task: PasskeyTask, examples: int = 512, seed: in
 
 
 def train_memory_task(
-    model, task: PasskeyTask, steps: int = 600, batch_size: int = 32, lr: float = 3e-3, seed: int = 0, desc: str = "train"
+    model, task: PasskeyTask, steps: int = 300, batch_size: int = 32, lr: float = 3e-3, seed: int = 0, desc: str = "train"
 ) -> list[float]:
     """Train every parameter of ``model`` (a RecurrentMemoryModel) with AdamW; returns the loss per step."""
     generator = torch.Generator().manual_seed(seed)
