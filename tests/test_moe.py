@@ -103,7 +103,7 @@ def test_distinct_experts_match_the_family_mlp_weighted_by_the_router(model_type
     dense = family.mlp_modules(m)[0]
     block = SparseMoeBlock.from_dense(dense, family.mlp_kind, num_experts=4, top_k=2, noise=0.3)
     x = torch.randn(37, 64)
-    logits_, weights, indices = block.gate(x)
+    _, weights, indices = block.gate(x)
     expected = torch.zeros_like(x)
     experts = block.experts
     for e in range(4):

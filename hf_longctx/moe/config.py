@@ -18,7 +18,7 @@ class MoESpec(SectionSpec):
     init: Literal["copy", "partition"] = spec_field(
         "copy", help="copy: every expert a copy of the MLP; partition: intermediate neurons split among experts."
     )
-    noise: float = spec_field(0.0, help="Relative Gaussian noise added to copied experts.")
+    noise: float = spec_field(0.0, help="Gaussian noise added to each expert weight, relative to its std.")
     router_aux_loss_coef: float = spec_field(0.01, help="Weight of the load-balancing loss added in training.")
     router_z_loss_coef: float = spec_field(0.0, help="Weight of the router z-loss added in training.")
 
@@ -29,3 +29,7 @@ class MoESpec(SectionSpec):
         self._require(self.noise >= 0, "noise", "must be >= 0")
         if isinstance(self.layers, list):
             self._require(all(i >= 0 for i in self.layers), "layers", "layer indices must be >= 0")
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The indices of the layers to upcycle, sorted."""
+        return list(range(num_layers)) if self.layers == "all" else sorted(set(self.layers))

@@ -60,12 +60,10 @@ def native_config(model: nn.Module, section: MoESpec):
     """The native MoE config of an upcycled ``model``, or None (with the reason logged)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .upcycle import layer_indices
-
     family = get_family(model)
     moe_type = family.moe_model_type
     layers = family.layers(model)
-    upcycled = layer_indices(section, len(layers))
+    upcycled = section.layer_indices(len(layers))
     dense_layers = [i for i in range(len(layers)) if i not in upcycled]
     experts = getattr(layers[upcycled[0]], family.mlp_attr).experts
     dense_size = getattr(model.config, "intermediate_size")

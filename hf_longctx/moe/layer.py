@@ -31,7 +31,7 @@ MlpKind = Literal["swiglu", "fused_swiglu", "gelu"]
 
 # Where each kind of dense MLP keeps its input projections (concatenated in this order),
 # its output projection and its activation.
-_DENSE_LAYOUT: dict[str, tuple[tuple[str, ...], str, str]] = {
+DENSE_LAYOUT: dict[str, tuple[tuple[str, ...], str, str]] = {
     "swiglu": (("gate_proj", "up_proj"), "down_proj", "act_fn"),
     "fused_swiglu": (("gate_up_proj",), "down_proj", "activation_fn"),  # rows: gate, then up
     "gelu": (("dense_h_to_4h",), "dense_4h_to_h", "act"),
@@ -55,7 +55,7 @@ class DenseMLP:
 
     @classmethod
     def from_module(cls, mlp: nn.Module, kind: MlpKind) -> "DenseMLP":
-        in_names, out_name, act_name = _DENSE_LAYOUT[kind]
+        in_names, out_name, act_name = DENSE_LAYOUT[kind]
         ins = [getattr(mlp, name) for name in in_names]
         out = getattr(mlp, out_name)
         in_bias = torch.cat([lin.bias for lin in ins]) if ins[0].bias is not None else None

@@ -21,25 +21,20 @@ from ..families import get_family
 from ..patching import Applied, Technique, patch, register_technique
 from .config import MoESpec
 from .export import save_native
-from .layer import _DENSE_LAYOUT, SparseMoeBlock
+from .layer import DENSE_LAYOUT, SparseMoeBlock
 from .losses import with_router_losses
 
 logger = logging.getLogger(__name__)
 
 
-def layer_indices(section: MoESpec, num_layers: int) -> list[int]:
-    """The indices of the layers to upcycle, sorted."""
-    return list(range(num_layers)) if section.layers == "all" else sorted(set(section.layers))
-
-
 def _check(model: nn.Module, section: MoESpec, spec) -> None:
     family = get_family(model)
     num_layers = len(family.layers(model))
-    bad = [i for i in layer_indices(section, num_layers) if i >= num_layers]
+    bad = [i for i in section.layer_indices(num_layers) if i >= num_layers]
     if bad:
         raise SpecError(f"'moe.layers' = {section.layers!r} names layer {bad[0]}; this model has layers 0..{num_layers - 1}")
-    in_names, out_name, _ = _DENSE_LAYOUT[family.mlp_kind]
-    for i in layer_indices(section, num_layers):
+    in_names, out_name, _ = DENSE_LAYOUT[family.mlp_kind]
+    for i in section.layer_indices(num_layers):
         mlp = family.mlp_modules(model)[i]
         if not all(isinstance(getattr(mlp, name, None), nn.Linear) for name in (*in_names, out_name)):
             raise SpecError(
@@ -57,7 +52,7 @@ def _check(model: nn.Module, section: MoESpec, spec) -> None:
 def _apply(model: nn.Module, section: MoESpec, spec) -> Applied:
     family = get_family(model)
     layers = family.layers(model)
-    indices = layer_indices(section, len(layers))
+    indices = section.layer_indices(len(layers))
     router_std = getattr(model.config, "initializer_range", 0.02)
     originals: dict[int, nn.Module] = {}
 
