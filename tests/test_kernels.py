@@ -12,6 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: kernels 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from hf_longctx.kernels import blocked  # noqa: E402
 from hf_longctx.kernels.blocked import blocked_attention  # noqa: E402
 from hf_longctx.kernels.flash_attention import flash_attention, key_block_ranges, query_block_ranges  # noqa: E402
 from hf_longctx.kernels.reference import check_inputs, flash_attention_reference, visible  # noqa: E402
@@ -32,6 +33,16 @@ CASES = {
     "packed_position_ids_alibi": (1, 2, 1, 90, 90, 32, dict(position_ids=[0, 45, 46, 90], alibi=True)),
     "head_dim_96": (1, 2, 1, 50, 50, 96, dict(window=30)),
 }
+# Blocked path only: windows short enough that most 32-row blocks run in the batched band
+# form, for every feature it supports (batch > 1 and sinks copy the bands).
+BAND_CASES = {
+    "band_gqa_sinks_sink_logits": (2, 4, 2, 150, 150, 32, dict(window=33, sink_tokens=3, sink_logits=True)),
+    "band_mqa_alibi": (2, 4, 1, 130, 130, 64, dict(window=40, alibi=True)),
+    "band_chunked_prefill_sinks": (1, 4, 2, 70, 160, 32, dict(window=48, sink_tokens=4)),
+    "band_packed_window_alibi_sink_logits": (1, 2, 1, 200, 200, 32,
+                                             dict(cu_seqlens=[0, 120, 200], window=25, alibi=True, sink_logits=True)),
+    "band_alibi_sinks_falls_back": (1, 2, 2, 120, 120, 32, dict(window=30, sink_tokens=2, alibi=True)),
+}
 
 
 def _blocked(q, k, v, *, causal=True, window=None, sink_tokens=0, alibi_slopes=None, sink_logits=None,
@@ -49,7 +60,7 @@ def _triton(q, k, v, **options):
 
 
 def _make_case(name):
-    b, hq, hkv, n, m, d, opts = CASES[name]
+    b, hq, hkv, n, m, d, opts = {**CASES, **BAND_CASES}[name]
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     # Inputs in transformers' layout: [B, N, H, D] memory viewed as [B, H, N, D].
     q = torch.randn(b, n, hq, d, generator=gen, dtype=torch.float64).transpose(1, 2)
@@ -83,6 +94,16 @@ def _outputs_and_grads(fn, inputs, do, options, dtype):
 @pytest.mark.parametrize("backend", [_triton, _blocked], ids=["triton", "blocked"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_float64_reference(case, backend, dtype):
+    _assert_matches_float64_reference(case, backend, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(BAND_CASES))
+def test_blocked_band_path_matches_float64_reference(case, dtype):
+    _assert_matches_float64_reference(case, _blocked, dtype)
+
+
+def _assert_matches_float64_reference(case, backend, dtype):
     inputs, do, options = _make_case(case)
     exact = _outputs_and_grads(flash_attention_reference, inputs, do, options, torch.float64)
     plain = _outputs_and_grads(flash_attention_reference, inputs, do, options, dtype)
@@ -100,6 +121,35 @@ def test_auto_backend_on_cpu_is_blocked_path():
     torch.testing.assert_close(flash_attention(q, k, v, **options), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(flash_attention(q, k, v, backend="reference", **options), expected,
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("split", ["every_block_alone", "one_band_block_per_call"])
+@pytest.mark.parametrize("case", list(BAND_CASES))
+def test_blocked_band_path_agrees_with_per_block_path(case, split, monkeypatch):
+    inputs, do, options = _make_case(case)
+    band = _outputs_and_grads(_blocked, inputs, do, options, torch.float32)
+    if split == "every_block_alone":
+        monkeypatch.setattr(blocked, "_band_start", lambda n, m, **_: None)
+    else:  # every case here materialises something per band block (batch, sinks or sink logits)
+        monkeypatch.setattr(blocked, "_BAND_ELEMENTS", 1)
+    per_block = _outputs_and_grads(_blocked, inputs, do, options, torch.float32)
+    for name, a, b in zip(["out", "dq", "dk", "dv", "d_sink_logits"], band, per_block):
+        torch.testing.assert_close(a, b, msg=lambda text: f"{name}: {text}")
+
+
+@pytest.mark.parametrize("sink_tokens", [0, 4])
+def test_sliding_window_runs_as_two_calls(sink_tokens, monkeypatch):
+    """Whatever N: one call for the rows before the band, one batched call for all blocks of the band."""
+    calls = []
+    monkeypatch.setattr(blocked, "_attend_rows", lambda q, *args, **kwargs: calls.append(q.shape) or q)
+    window, block = 64, 32
+    for n in (1000, 4000):
+        calls.clear()
+        q, k, v = _qkv(n=n, m=n)
+        assert _blocked(q, k, v, window=window, sink_tokens=sink_tokens).shape == q.shape
+        assert len(calls) == 2, calls
+        band_blocks, _, rows, _ = calls[1]
+        assert rows == block and band_blocks * block >= n - (window + sink_tokens + 2 * block)
 
 
 TABLE_CASES = [  # (q_lens, k_lens, block_m, block_n, causal, window, sink_tokens)

@@ -1,11 +1,23 @@
 """Blocked pure-torch attention: the CPU path of `flash_attention`.
 
-Queries are processed in blocks of `block_size` rows; each block attends only to the keys
-its mask can reach (the sliding-window range `[first_pos - W + 1, last_pos]` plus the
-sink keys), so a window of W costs O(N·W) time and O(block_size·(W + block_size)) memory
-instead of O(N²). Blocks without sink logits run through SDPA's fused kernel. Packed
-documents are attended one at a time. Differentiable through autograd; fp16/bf16 blocks
-are computed in fp32, as the Triton kernel accumulates.
+Queries are processed in blocks of `block_size` rows, aligned to the last query (only the
+first block may be shorter); each block attends only to the keys its mask can reach (the
+sliding-window range `[first_pos - W + 1, last_pos]` plus the sink keys), so a window of W
+costs O(N·(W + block_size)) time and memory instead of O(N·M).
+
+With a sliding window, every full block whose window range starts after the sink keys
+sees the same mask relative to its own key band, so those blocks run batched, in one call
+(or a few, if the call would materialise more than `_BAND_ELEMENTS`): the bands of
+W - 1 + block_size keys are strided views of K/V (`unfold`), the query blocks are folded
+into the batch dimension, and one `[block_size, S + W - 1 + block_size]` mask serves them
+all. The rows before the band (whose window reaches back into the sink keys or before the
+first key) go as one block. Few, large calls keep the path fast when a parallel region
+waits on a descheduled thread (a loaded machine). Without a window, and for ALiBi with
+sink tokens (the sink distance differs per block), every block goes on its own.
+
+All forms share `_attend_rows`: SDPA's fused kernel without sink logits, matmul + softmax
+with them. Packed documents are attended one at a time. Differentiable through autograd;
+fp16/bf16 are computed in fp32, as the Triton kernel accumulates.
 """
 
 from __future__ import annotations
@@ -17,36 +29,134 @@ from .reference import attend, visible
 
 __all__ = ["blocked_attention"]
 
+# Elements one batched band call may materialise (scores with sink logits, copied K/V bands):
+# 2**26 fp32 values are 256 MiB, and at that size the per-call overhead is long amortised.
+_BAND_ELEMENTS = 1 << 26
+
+
+def _attend_rows(q, k, v, mask, q_pos, k_pos, *, alibi_slopes, sink_logits, scale):
+    """Softmax attention of q `[X, Hq, n, D]` over k/v `[X, Hkv, m, D]`, one `[n, m]` mask for all X.
+
+    mask bool `[n, m]` (True = visible); q_pos `[n]` / k_pos `[m]` are read only for ALiBi
+    (pass None without it), where only their differences matter. Returns `[X, Hq, n, D]` in
+    q's dtype; fp16/bf16 are computed in fp32.
+    """
+    work_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qw, kw, vw = q.to(work_dtype), k.to(work_dtype), v.to(work_dtype)
+    if sink_logits is not None:
+        return attend(qw, kw, vw, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale).to(q.dtype)
+    # SDPA's fused CPU kernel is about twice as fast as matmul + softmax; it has no sink column.
+    if alibi_slopes is not None:
+        distance = (q_pos[:, None] - k_pos[None, :]).abs().to(work_dtype)
+        mask = (-alibi_slopes.to(work_dtype)[:, None, None] * distance).masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale, enable_gqa=True).to(q.dtype)
+
+
+def _attend_block(q, k, v, r0, r1, *, causal, window, sink_tokens, alibi_slopes, sink_logits, scale):
+    """Query rows [r0, r1) of one sequence (q `[B, Hq, N, D]`, k/v `[B, Hkv, M, D]`) -> `[B, Hq, r1 - r0, D]`."""
+    n, m = q.shape[2], k.shape[2]
+    first, last = m - n + r0, m - n + r1 - 1  # positions of the block's first and last query
+    hi = min(m, last + 1) if causal else m
+    lo = max(0, first - window + 1) if window is not None else 0
+    sink_end = min(sink_tokens, lo) if window is not None else 0
+    k_pos = torch.arange(lo, hi, device=q.device)
+    kb, vb = k[:, :, lo:hi], v[:, :, lo:hi]
+    if sink_end:
+        k_pos = torch.cat([torch.arange(sink_end, device=q.device), k_pos])
+        kb = torch.cat([k[:, :, :sink_end], kb], dim=2)
+        vb = torch.cat([v[:, :, :sink_end], vb], dim=2)
+    q_pos = torch.arange(first, last + 1, device=q.device)
+    mask = visible(q_pos, k_pos, causal=causal, window=window, sink_tokens=sink_tokens)
+    return _attend_rows(q[:, :, r0:r1], kb, vb, mask, q_pos, k_pos, alibi_slopes=alibi_slopes,
+                        sink_logits=sink_logits, scale=scale)
+
+
+def _band_start(n: int, m: int, *, window, sink_tokens, alibi_slopes, block_size) -> int | None:
+    """First query row of the band blocks (n when none qualify; None when the band form does not apply).
+
+    Band blocks end at row n in steps of block_size; a block joins when its window range
+    starts at or after the sink keys: position first - W + 1 >= S.
+    """
+    if window is None or (sink_tokens and alibi_slopes is not None):
+        return None
+    head = n % block_size  # a short first block never joins
+    need = n - m + window - 1 + sink_tokens  # smallest row whose window range starts at key S
+    return min(n, head + block_size * max(0, -(-(need - head) // block_size)))
+
+
+def _band_blocks_per_call(b, hq, hkv, d, *, window, sink_tokens, sink_logits, block_size) -> int | None:
+    """Band blocks per batched call so that what the call materialises stays under `_BAND_ELEMENTS`.
+
+    That is the scores with sink logits (matmul + softmax) and the copied K/V bands with a
+    batch or sink keys; SDPA over strided views of K/V materialises neither (None: no limit).
+    """
+    keys = sink_tokens + window - 1 + block_size
+    per_block = hq * block_size * keys if sink_logits is not None else 0
+    if b > 1 or sink_tokens:
+        per_block += 2 * hkv * keys * d
+    return max(1, _BAND_ELEMENTS // (b * per_block)) if per_block else None
+
+
+def _attend_band(q, k, v, r0, r1, *, window, sink_tokens, alibi_slopes, sink_logits, scale, block_size):
+    """Query rows [r0, r1) of one sequence, full blocks of block_size rows, in one batched call.
+
+    q `[B, Hq, N, D]`, k/v `[B, Hkv, M, D]` -> `[B, Hq, r1 - r0, D]`. Block i (queries at
+    positions p .. p + block_size - 1, p = M - N + r0 + i·block_size) sees its band of
+    L = W - 1 + block_size keys starting at p - W + 1 >= S, plus the S sink keys, all under
+    the same `[block_size, S + L]` mask. The bands are a strided view of K/V
+    `[B·blocks, Hkv, L, D]`, copied only for B > 1 or sinks.
+    """
+    b, hq, n, d = q.shape
+    m, num_blocks, band = k.shape[2], (r1 - r0) // block_size, window - 1 + block_size
+    keys = slice(m - n + r0 - window + 1, m - n + r1)
+
+    def bands(t):  # [B, H, M, D] -> [B·blocks, H, S + L, D]
+        t_band = t[:, :, keys].unfold(2, band, block_size).transpose(-1, -2).movedim(2, 1).flatten(0, 1)
+        if not sink_tokens:
+            return t_band
+        sinks = t[:, None, :, :sink_tokens].expand(b, num_blocks, -1, -1, -1).flatten(0, 1)
+        return torch.cat([sinks, t_band], dim=2)
+
+    qb = q[:, :, r0:r1].unflatten(2, (num_blocks, block_size)).movedim(2, 1).flatten(0, 1)
+    # Positions relative to the band's first key: query j of a block sits W - 1 + j keys in.
+    q_pos = torch.arange(window - 1, band, device=q.device)
+    k_pos = torch.arange(band, device=q.device)
+    mask = visible(q_pos, k_pos, causal=True, window=window, sink_tokens=0)
+    if sink_tokens:  # sink keys lie before every band, so causal and visible to every query
+        mask = torch.cat([mask.new_ones(block_size, sink_tokens), mask], dim=1)
+    positions = (q_pos, k_pos) if alibi_slopes is not None else (None, None)  # never ALiBi with sinks here
+    out = _attend_rows(qb, bands(k), bands(v), mask, *positions, alibi_slopes=alibi_slopes, sink_logits=sink_logits,
+                       scale=scale)
+    return out.unflatten(0, (b, num_blocks)).movedim(1, 2).reshape(b, hq, r1 - r0, d)
+
 
 def _attend_sequence(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink_logits, scale, block_size):
-    """One unpacked sequence: q `[B, Hq, N, D]`, k/v `[B, Hkv, M, D]`, queries bottom-right aligned."""
-    n, m = q.shape[2], k.shape[2]
-    work_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    """One unpacked sequence: q `[B, Hq, N, D]`, k/v `[B, Hkv, M, D]`, queries bottom-right aligned.
+
+    With the band form, the rows before the band (fewer than W + S + 2·block_size) go as one
+    block over their own key range, the band in as few calls as `_band_blocks_per_call`
+    allows; otherwise every block of block_size rows goes on its own.
+    """
+    (b, hq, n, d), hkv, m = q.shape, k.shape[1], k.shape[2]
+    options = dict(window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes, sink_logits=sink_logits,
+                   scale=scale)
+    band_start = _band_start(n, m, window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes,
+                             block_size=block_size)
+    if band_start is None:
+        band_start = n
+        bounds = [0, *range(n % block_size or block_size, n, block_size), n]
+    else:
+        per_call = _band_blocks_per_call(b, hq, hkv, d, window=window, sink_tokens=sink_tokens,
+                                         sink_logits=sink_logits, block_size=block_size)
+        bounds = [0, *range(band_start, n, block_size * per_call if per_call else n), n]
     outputs = []
-    for r0 in range(0, n, block_size):
-        r1 = min(n, r0 + block_size)
-        first, last = m - n + r0, m - n + r1 - 1  # positions of the block's first and last query
-        hi = min(m, last + 1) if causal else m
-        lo = max(0, first - window + 1) if window is not None else 0
-        sink_end = min(sink_tokens, lo) if window is not None else 0
-        k_pos = torch.arange(lo, hi, device=q.device)
-        kb, vb = k[:, :, lo:hi], v[:, :, lo:hi]
-        if sink_end:
-            k_pos = torch.cat([torch.arange(sink_end, device=q.device), k_pos])
-            kb = torch.cat([k[:, :, :sink_end], kb], dim=2)
-            vb = torch.cat([v[:, :, :sink_end], vb], dim=2)
-        q_pos = torch.arange(first, last + 1, device=q.device)
-        mask = visible(q_pos, k_pos, causal=causal, window=window, sink_tokens=sink_tokens)
-        qb, kb, vb = q[:, :, r0:r1].to(work_dtype), kb.to(work_dtype), vb.to(work_dtype)
-        if sink_logits is None:
-            # SDPA's fused CPU kernel is about twice as fast as matmul + softmax; it has no sink column.
-            if alibi_slopes is not None:
-                distance = (q_pos[:, None] - k_pos[None, :]).abs().to(work_dtype)
-                mask = (-alibi_slopes.to(work_dtype)[:, None, None] * distance).masked_fill(~mask, float("-inf"))
-            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
+    for r0, r1 in zip(bounds, bounds[1:]):
+        if r1 == r0:
+            continue
+        if r0 >= band_start:
+            outputs.append(_attend_band(q, k, v, r0, r1, block_size=block_size, **options))
         else:
-            out = attend(qb, kb, vb, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale)
-        outputs.append(out.to(q.dtype))
+            outputs.append(_attend_block(q, k, v, r0, r1, causal=causal, **options))
     return torch.cat(outputs, dim=2)
 
 
