@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import hf_longctx
@@ -205,7 +205,7 @@ def test_every_recipe_config_parses_and_names_its_launch_command():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# accelerate launch --config_file recipes/accelerate/"), path.name
         assert f"--config recipes/configs/{path.name}" in first, path.name
-        parse_args(["--config", str(path), "--output_dir", "unused"])
+        parse_args(["--config", str(path), "--output_dir", "unused", "--bf16", "false"])  # bf16 needs a GPU
 
 
 # ---------------------------------------------------------------- LoRA
@@ -330,6 +330,8 @@ def test_fsdp2_shards_every_parameter_across_both_processes(runs, mode):
     if mode == "lora":
         assert any("lora_A" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
         assert not any("q_proj.base_layer" in n for n in trainable)
+    layer_params = [n for n in reports[0] if ".layers." in n]  # activation_checkpointing: true became
+    assert layer_params and all("_checkpoint_wrapped_module" in n for n in layer_params)  # FSDP2's, per layer
     for name, info in reports[0].items():
         assert info["placements"] == ["Shard(dim=0)"], name
         rows = info["shape"][0]
@@ -355,6 +357,8 @@ def test_push_to_hub_uploads_model_with_patch_and_card(runs):
     files = runs["hub"].files(HUB_REPO)
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
     assert json.loads(files["config.json"])["hf_longctx"] == {"rope": {"type": "yarn", "factor": 4.0}}
+    weights = load(files["model.safetensors"])
+    assert set(weights) == set(load_model(parse_args(["--config", str(TINY)])[0], seed=0).state_dict())
     assert "- **rope**: `type` = 'yarn', `factor` = 4.0" in files["README.md"].decode()
 
 
@@ -362,7 +366,10 @@ def test_push_to_hub_uploads_model_with_patch_and_card(runs):
 
 
 def _sharding_worker(out: Path) -> None:
-    """Train full fine-tuning (then push it) and LoRA for 2 steps each; every rank writes its sharding."""
+    """Train full fine-tuning (then pushed) and LoRA, with activation checkpointing, for 2 steps each.
+
+    Every rank writes how each parameter is sharded when training begins.
+    """
     from transformers import TrainerCallback
 
     from hf_longctx.training.fsdp import prepare_cpu_fsdp, sharding_report
@@ -379,6 +386,7 @@ def _sharding_worker(out: Path) -> None:
     prepare_cpu_fsdp()
     rank = int(os.environ["RANK"])
     common = ["--config", str(TINY), "--max_steps", "2", "--save_strategy", "no"]
+    common += ["--activation_checkpointing", "true"]
     for mode, extra in [("full", ["--push_to_hub", "true", "--hub_model_id", HUB_REPO]), ("lora", ["--lora", "true"])]:
         args = parse_args([*common, "--output_dir", str(out / mode), *extra])
         run(*args, callbacks=[RecordSharding(out / mode / f"sharding-rank{rank}.json")])

@@ -128,21 +128,24 @@ def merge_adapter(model_args: ModelArguments, seed: int, adapter_dir: str | Path
 def save_final_model(trainer: Trainer, model_args: ModelArguments, lora_args: LoraArguments, tokenizer) -> Path:
     """Write the trained model to ``output_dir`` with ``hf_longctx.save_pretrained`` (patch recorded).
 
-    Full fine-tuning: the full state dict is gathered from the shards. LoRA: the adapter goes to
-    ``output_dir/adapter``; with ``merge_lora`` the main process rebuilds the base model, loads the
-    adapter, merges it and saves the merged model to ``output_dir``.
+    The full state dict is gathered from the shards (every rank takes part). Full fine-tuning
+    saves it as the model. LoRA: the main process loads it into a fresh, unsharded copy of
+    the patched model with the same adapters (names free of FSDP and checkpointing wrappers),
+    saves the adapter to ``output_dir/adapter`` and, with ``merge_lora``, the merged model to
+    ``output_dir``.
     """
     accelerator = trainer.accelerator
     output_dir = Path(trainer.args.output_dir)
-    state_dict = accelerator.get_state_dict(trainer.model)  # collective under FSDP: every rank calls it
-    unwrapped = accelerator.unwrap_model(trainer.model)
+    state_dict = accelerator.get_state_dict(trainer.model)
     if accelerator.is_main_process:
         if lora_args.lora:
-            unwrapped.save_pretrained(output_dir / ADAPTER_DIR, state_dict=state_dict)
+            peft_model = add_lora(load_model(model_args, trainer.args.seed), lora_args)
+            peft_model.load_state_dict(state_dict)
+            peft_model.save_pretrained(output_dir / ADAPTER_DIR)
             if lora_args.merge_lora:
-                save_pretrained(merge_adapter(model_args, trainer.args.seed, output_dir / ADAPTER_DIR), output_dir)
+                save_pretrained(peft_model.merge_and_unload(), output_dir)
         else:
-            save_pretrained(unwrapped, output_dir, state_dict=state_dict)
+            save_pretrained(accelerator.unwrap_model(trainer.model), output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
     return output_dir
