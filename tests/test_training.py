@@ -26,7 +26,6 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 import hf_longctx
 from hf_longctx.testing import tiny_model
 from hf_longctx.training import (
-    DataArguments,
     LoraArguments,
     ModelArguments,
     add_lora,
