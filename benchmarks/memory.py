@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import statistics
 import time
@@ -36,10 +37,14 @@ logger = logging.getLogger(__name__)
 
 
 def machine() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+    """CPU model name, core count and torch threads."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
         if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} torch threads"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+            name = line.split(":", 1)[1].strip()
+            break
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def learning_table(steps: int, memory_tokens: int, seed: int) -> str:
