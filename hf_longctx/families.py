@@ -23,7 +23,9 @@ class Family:
     mlp_attr: str = "mlp"  # attribute of a layer holding its MLP
     rotary_attr: str | None = "rotary_emb"  # attribute of the decoder holding the rotary embedding
     mlp_kind: Literal["swiglu", "fused_swiglu", "gelu"] = "swiglu"
-    native_sliding_window: bool = False  # the config has a `sliding_window` that its attention honours
+    # How the config expresses a sliding window natively: "config" (a `sliding_window` that every
+    # layer honours), "layer_types" (Qwen: `use_sliding_window` plus per-layer types), or None.
+    native_sliding_window: Literal["config", "layer_types"] | None = None
     moe_model_type: str | None = None  # native MoE family an upcycled model exports to
     rope_types: tuple[str, ...] | None = None  # rope types its config accepts (None: all of transformers')
 
@@ -47,16 +49,29 @@ class Family:
     def set_rotary_embedding(self, model: nn.Module, module: nn.Module) -> None:
         setattr(self.decoder(model), self.rotary_attr, module)
 
+    def sliding_window_config(self, config, window: int) -> dict | None:
+        """Config values that give every layer a native sliding window of ``window`` keys, or None."""
+        if self.native_sliding_window == "config":
+            return {"sliding_window": window}
+        if self.native_sliding_window == "layer_types":
+            return {
+                "use_sliding_window": True,
+                "sliding_window": window,
+                "max_window_layers": 0,
+                "layer_types": ["sliding_attention"] * config.num_hidden_layers,
+            }
+        return None
+
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         Family("llama", moe_model_type="mixtral"),
-        Family("mistral", native_sliding_window=True, moe_model_type="mixtral"),
-        Family("qwen2", native_sliding_window=True, moe_model_type="qwen2_moe"),
-        Family("qwen3", native_sliding_window=True, moe_model_type="qwen3_moe"),
+        Family("mistral", native_sliding_window="config", moe_model_type="mixtral"),
+        Family("qwen2", native_sliding_window="layer_types", moe_model_type="qwen2_moe"),
+        Family("qwen3", native_sliding_window="layer_types", moe_model_type="qwen3_moe"),
         # Phi3Config accepts only rope_type default/longrope (it rewrites "yarn" to "longrope").
-        Family("phi3", mlp_kind="fused_swiglu", native_sliding_window=True, rope_types=("ntk", "longrope")),
+        Family("phi3", mlp_kind="fused_swiglu", native_sliding_window="config", rope_types=("ntk", "longrope")),
         Family("gemma"),
         Family("gpt_neox", base_attr="gpt_neox", attention_attr="attention", mlp_kind="gelu"),
     )

@@ -48,12 +48,19 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
         native_save = technique(name).save
         if native_save is not None and native_save(model, path):
             return path
-    base_values = _changed_config_values(target)
-    target.config.hf_longctx_base = base_values
+    native = {}
+    for name, params in applied_sections(target).items():
+        hook = technique(name).native_config
+        native.update((hook(target, params) if hook is not None else None) or {})
+    snapshot = getattr(target, STATE_ATTR).config_snapshot if native else {}
+    base_values = {**{k: snapshot.get(k) for k in native}, **_changed_config_values(target)}
+    in_memory = {k: target.config.__dict__.get(k) for k in native}
+    target.config.__dict__.update(native, hf_longctx_base=base_values)
     try:
         target.save_pretrained(path, safe_serialization=True, **kwargs)
     finally:
         del target.config.hf_longctx_base
+        target.config.__dict__.update(in_memory)
     extra = getattr(model, "hf_longctx_extra_state_dict", None)
     if extra is not None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in extra().items()}

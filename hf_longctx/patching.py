@@ -45,6 +45,9 @@ class Technique:
     # Optional native export: write the whole checkpoint in another family's native form (MoE ->
     # Mixtral) and return True, or return False to let the default writer run.
     save: Callable[[nn.Module, Path], bool] | None = None
+    # Optional native config: the config values that express this section in transformers' own
+    # form (written only into the saved config.json), or None when there is none.
+    native_config: Callable[[nn.Module, dict[str, Any]], dict[str, Any] | None] | None = None
 
 
 def technique(section: str) -> Technique:

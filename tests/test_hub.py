@@ -86,3 +86,29 @@ def test_model_card_names_base_model_patches_and_context():
     assert "**rope**: `type` = 'yarn', `target_context` = 512" in card
     assert "max_position_embeddings):** 512" in card
     assert 'hf_longctx.from_pretrained("me/llama-yarn")' in card
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "phi3"])
+def test_sliding_window_is_native_where_the_config_can_hold_it(tmp_path, model_type):
+    model = tiny_model(model_type, initializer_range=0.2, sliding_window=None)
+    x = tokens(length=40)
+    unpatched = logits(model, x)
+    hl.patch(model, {"attention": {"sliding_window": 8}})
+    windowed = logits(model, x)
+    assert (windowed - unpatched).abs().max() > 1e-2  # the window is really narrower than the input
+    hl.save_pretrained(model, tmp_path)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), x), windowed)
+    reloaded = hl.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(reloaded, x), windowed)
+    hl.unpatch(reloaded)
+    assert torch.equal(logits(reloaded, x), unpatched)
+    assert getattr(model.config, "sliding_window", None) is None  # saving left the patched model alone
+
+
+def test_window_with_sinks_has_no_native_form(tmp_path):
+    model = tiny_model("mistral", sliding_window=None)
+    hl.patch(model, {"attention": {"sliding_window": 8, "sink_tokens": 2}})
+    hl.save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["sliding_window"] is None
+    x = tokens(length=40)
+    assert torch.equal(logits(hl.from_pretrained(tmp_path), x), logits(model, x))

@@ -165,4 +165,14 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
     return Applied(undo=undo)
 
 
-register_technique(Technique(section="attention", apply=_apply, check=_check, order=20))
+def _native_config(model: nn.Module, params: dict) -> dict | None:
+    """A plain sliding window is native for families whose config can hold one (Mistral, Qwen, Phi-3)."""
+    section = AttentionSpec.from_dict(params)
+    if section.sliding_window is None or section.sink_tokens or section.learnable_sinks:
+        return None
+    return get_family(model).sliding_window_config(model.config, section.sliding_window)
+
+
+register_technique(
+    Technique(section="attention", apply=_apply, check=_check, order=20, native_config=_native_config)
+)
