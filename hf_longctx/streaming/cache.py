@@ -48,23 +48,58 @@ from ..families import get_family
 def rotate_keys(keys: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate the rotary part of ``keys`` by ``angles`` (rotate-half convention of transformers).
 
-    keys: ``[B, H, N, D]``; angles: ``[B, N, R/2]`` (radians) where ``R <= D`` is the rotary
-    dimension; dims ``R..D`` pass through. Computed in float32, returned in ``keys.dtype``.
+    keys: ``[B, H, N, D]``; angles: ``[B, N, R/2]`` (radians, any float dtype; ``B`` may be 1) where
+    ``R <= D`` is the rotary dimension; dims ``R..D`` pass through. cos/sin are taken in the dtype of
+    ``angles``, the rotation is computed in float32 and returned in ``keys.dtype``.
     """
     half = angles.shape[-1]
-    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    cos, sin = angles.cos().float()[:, None], angles.sin().float()[:, None]
     x = keys.float()
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half :]], dim=-1)
     return rotated.to(keys.dtype)
 
 
+def shift_factors(inv_freq: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation by ``delta`` positions as ``(cos - 1 [R], sin [R/2])`` of ``delta * inv_freq``.
+
+    Computed in float64, returned in float32. ``cos - 1`` is formed as ``-2 sin^2(angle / 2)`` and
+    applied as ``x + ((cos - 1) x - sin x')`` (:func:`shift_keys_`): the rounding is then relative
+    to the small change, not to ``x``, so a key shifted by one position thousands of times stays as
+    close to the exact rotation as float32 RoPE computed from scratch (``cos``/``sin`` stored
+    as such would drift about four times further, see ``tests/test_streaming.py``).
+    """
+    angle = delta * inv_freq.double()
+    cos_minus_one = (-2 * (angle / 2).sin().square()).float()
+    return torch.cat([cos_minus_one, cos_minus_one]), angle.sin().float()
+
+
+def shift_keys_(keys: torch.Tensor, cos_minus_one: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate the rotary part of ``keys`` ``[B, H, N, D]`` in place by the angles of :func:`shift_factors`
+    (the same for every key); computed in float32, stored in ``keys.dtype``."""
+    half = sin.shape[-1]
+    rotary = keys[..., : 2 * half]
+    change = rotary * cos_minus_one
+    change[..., :half].addcmul_(rotary[..., half:], sin, value=-1)
+    change[..., half:].addcmul_(rotary[..., :half], sin)
+    rotary.add_(change)
+
+
 class SinkCacheLayer(CacheLayerMixin):
     """One layer of a :class:`SinkCache`.
 
-    ``keys``/``values``: ``[B, H, n, D]`` (rotated keys); ``positions``: ``[B, n]`` the position
-    each cached key is rotated at; ``pads``: ``[B]`` leading pad slots per row; ``seen``: tokens
-    added so far.
+    Storage: ``key_buffer``/``value_buffer`` ``[B, H, capacity, D]`` hold the live slots
+    ``start .. start + length``, exposed as the views ``keys``/``values`` ``[B, H, length, D]``
+    (rotated keys). The key in live slot ``i`` is rotated at position ``offset + i`` (every row)
+    with the frequencies ``inv_freq``. ``pads``: ``[B]`` leading pad slots per row; ``seen``:
+    tokens added so far.
+
+    A step's cost does not grow with the stream: eviction drops the oldest window tokens by
+    advancing ``start`` (the ``S`` sinks are copied up behind them), new tokens are written into
+    the spare slots after the live ones (a fresh buffer every ``capacity - S - W`` evictions), and
+    kept keys whose slot changes are rotated in place by one precomputed rotation per segment
+    (sinks, window). Left padding (until its pads are evicted) and a change of the rotary
+    frequencies take the general path: gather per row, rotate each key from its own position.
     """
 
     is_sliding = False
@@ -76,25 +111,29 @@ class SinkCacheLayer(CacheLayerMixin):
         self.num_sink_tokens = num_sink_tokens
         self.window_length = window_length
         self.left_padding = left_padding
-        self.seen = 0
-        self.positions: torch.Tensor | None = None
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+        self.start = self.length = self.offset = self.seen = 0
         self.pads: torch.Tensor | None = None
-        self.inv_freq: torch.Tensor | None = None  # frequencies the cached keys are rotated with
+        self.has_pads = False  # pads.any(), kept on the host so that the usual step never synchronises
+        self.inv_freq: torch.Tensor | None = None  # values of the frequencies the cached keys are rotated with
+        self._inv_freq_seen: tuple[torch.Tensor, int] | None = None  # (tensor, version) last compared with them
+        self._shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # delta -> shift_factors(inv_freq, delta)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, _ = key_states.shape
+        batch, heads = key_states.shape[:2]
         self.device = key_states.device
-        self.keys = key_states.new_empty((batch, heads, 0, key_states.shape[-1]))
-        self.values = value_states.new_empty((batch, heads, 0, value_states.shape[-1]))
-        self.positions = torch.zeros((batch, 0), dtype=torch.long, device=self.device)
+        self.key_buffer = key_states.new_empty((batch, heads, 0, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((batch, value_states.shape[1], 0, value_states.shape[-1]))
         pads = self.left_padding if self.left_padding is not None else torch.zeros(batch, dtype=torch.long)
         self.pads = pads.to(self.device, torch.long)
+        self.has_pads = bool(self.pads.any())
+        self._set_views()
         self.is_initialized = True
 
     def kept_length(self, num_new_tokens: int) -> int:
         """Cached tokens that stay visible to a step of ``num_new_tokens`` tokens (sinks never leave)."""
-        cached = self.keys.shape[-2] if self.is_initialized else 0
-        return min(cached, self.num_sink_tokens + max(self.window_length - num_new_tokens, 0))
+        return min(self.length, self.num_sink_tokens + max(self.window_length - num_new_tokens, 0))
 
     def update(
         self,
@@ -106,70 +145,131 @@ class SinkCacheLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evict, re-rotate the kept keys to their StreamingLLM positions, append; return all keys/values.
 
+        key_states/value_states: ``[B, H, c, D]`` the new tokens (keys rotated at their positions).
         ``inv_freq``: ``[R/2]`` the model's current rotary frequencies (None: no rotary embedding).
         ``cache_positions``: the new tokens sit at ``kept_length`` (else at ``seen``).
+        Returns views ``[B, H, kept + c, D]`` of the cache, valid until the next update.
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (
+            key_states.requires_grad or value_states.requires_grad or self.key_buffer.requires_grad
+        ):
+            # earlier steps' attention may have saved the views for backward: change copies, not them
+            self.key_buffer, self.value_buffer = self.key_buffer.clone(), self.value_buffer.clone()
         num_new = key_states.shape[-2]
-        self._evict(self.kept_length(num_new))
-        kept = self.keys.shape[-2]
-        first = kept if cache_positions else self.seen
-        slots = torch.arange(first - kept, first + num_new, device=self.device)
-        self._move_keys(slots[:kept], inv_freq)
-        batch = key_states.shape[0]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, slots[kept:].expand(batch, num_new)], dim=-1)
-        if inv_freq is not None:
+        keep = self.kept_length(num_new)
+        target_offset = (keep if cache_positions else self.seen) - keep
+        frequencies_changed = self._frequencies_changed(inv_freq)
+        if frequencies_changed or (self.has_pads and keep < self.length):
+            old_positions = self._evict_rows(keep) + self.offset  # [B, keep]
+            self._rotate_each_key(old_positions, target_offset, inv_freq)
+        else:
+            drop = self.length - keep
+            sinks = min(self.num_sink_tokens, keep)
+            self._evict_window(sinks, drop)
+            self._shift(0, sinks, target_offset - self.offset, inv_freq)
+            self._shift(sinks, keep, target_offset - self.offset - drop, inv_freq)
+        if inv_freq is not None and (frequencies_changed or self.inv_freq is None):
             self.inv_freq = inv_freq.detach().clone()
+            self._shifts.clear()
+        self.offset = target_offset
+        self._append(key_states, value_states)
         self.seen += num_new
         return self.keys, self.values
 
-    def _move_keys(self, target: torch.Tensor, inv_freq: torch.Tensor | None) -> None:
-        """Rotate cached keys from ``positions`` to ``target`` ([n]), onto the current ``inv_freq``."""
-        if self.keys.shape[-2] == 0:
-            return
-        delta = target - self.positions  # [B, n]
-        freq_changed = self.inv_freq is not None and inv_freq is not None and not torch.equal(self.inv_freq, inv_freq)
-        if not freq_changed:
-            moved = delta.ne(0).any(dim=0).nonzero().flatten()
-            if moved.numel() == 0:
-                return
-            if inv_freq is None:
-                raise ValueError(
-                    "SinkCache has to re-rotate cached keys but does not know the rotary embedding: "
-                    "pass SinkCache(..., model=model) or patch the model with {'streaming': {...}}"
-                )
-            angles = delta[:, moved, None].float() * inv_freq.float()
-            # out of place: the previous step's attention may still hold the old tensor for autograd
-            self.keys = self.keys.index_copy(2, moved, rotate_keys(self.keys[:, :, moved], angles))
-        else:
-            angles = target.float()[None, :, None] * inv_freq.float() - self.positions.float()[..., None] * self.inv_freq
-            self.keys = rotate_keys(self.keys, angles)
-        self.positions = target.expand_as(self.positions).clone()
+    def _frequencies_changed(self, inv_freq: torch.Tensor | None) -> bool:
+        """Whether ``inv_freq`` differs from the frequencies the cached keys are rotated with (dynamic NTK,
+        LongRoPE). Compares values only when the tensor or its version changed since the last call."""
+        if inv_freq is None or self.inv_freq is None:
+            return False
+        seen = self._inv_freq_seen
+        if seen is not None and seen[0] is inv_freq and seen[1] == inv_freq._version:
+            return False
+        self._inv_freq_seen = (inv_freq, inv_freq._version)
+        return not torch.equal(self.inv_freq, inv_freq)
 
-    def _evict(self, keep: int) -> None:
-        """Keep ``keep`` slots per row: drop leading pads first, then the oldest tokens after the sinks."""
-        cached = self.keys.shape[-2]
-        drop = cached - keep
+    def _shift(self, lo: int, hi: int, delta: int, inv_freq: torch.Tensor | None) -> None:
+        """Move the keys in live slots ``lo..hi`` by ``delta`` positions (in place)."""
+        if delta == 0 or hi <= lo:
+            return
+        if inv_freq is None:
+            raise _unbound_error()
+        factors = self._shifts.get(delta)
+        if factors is None:
+            factors = self._shifts[delta] = shift_factors(inv_freq, delta)
+        shift_keys_(self.key_buffer[:, :, self.start + lo : self.start + hi], *factors)
+
+    def _rotate_each_key(self, old_positions: torch.Tensor, target_offset: int, inv_freq: torch.Tensor | None) -> None:
+        """Rotate every live key from ``old_positions`` ``[B, n]`` (with the frequencies ``self.inv_freq``) to
+        ``target_offset + slot`` (with ``inv_freq``)."""
+        target = torch.arange(target_offset, target_offset + self.length, device=self.device)
+        if inv_freq is None:
+            if bool((old_positions != target).any()):
+                raise _unbound_error()
+            return
+        old_freq = self.inv_freq if self.inv_freq is not None else inv_freq
+        angles = target[:, None].double() * inv_freq.double() - old_positions[..., None].double() * old_freq.double()
+        self.keys.copy_(rotate_keys(self.keys, angles))
+
+    def _evict_window(self, sinks: int, drop: int) -> None:
+        """Drop the ``drop`` oldest tokens after the sinks: the sinks move up behind the window."""
         if drop <= 0:
             return
+        for buffer in (self.key_buffer, self.value_buffer):
+            source = buffer[:, :, self.start : self.start + sinks]
+            buffer[:, :, self.start + drop : self.start + drop + sinks] = source.clone() if drop < sinks else source
+        self.start += drop
+        self.length -= drop
+        self._set_views()
+
+    def _evict_rows(self, keep: int) -> torch.Tensor:
+        """Keep ``keep`` slots per row: drop leading pads first, then the oldest tokens after the sinks.
+
+        Returns the kept slots' former indices ``[B, keep]``; the buffers are rebuilt compactly."""
+        cached = self.length
         index = torch.arange(cached, device=self.device)
-        if not bool(self.pads.any()):
-            kept = torch.cat([index[: self.num_sink_tokens], index[self.num_sink_tokens + drop :]])
-            self.keys, self.values = self.keys[:, :, kept], self.values[:, :, kept]
-            self.positions = self.positions[:, kept]
-            return
-        drop_pads = self.pads.clamp(max=drop)[:, None]
+        drop = cached - keep
+        drop_pads = self.pads.clamp(max=max(drop, 0))[:, None]
         window_start = (self.pads + self.num_sink_tokens)[:, None]
         dropped = (index < drop_pads) | ((index >= window_start) & (index < window_start + drop - drop_pads))
         kept = index.expand(len(self.pads), cached)[~dropped].view(-1, keep)  # [B, keep]
         gather = kept[:, None, :, None]
-        self.keys = self.keys.gather(2, gather.expand(-1, self.keys.shape[1], -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, gather.expand(-1, self.values.shape[1], -1, self.values.shape[-1]))
-        self.positions = self.positions.gather(1, kept)
+        keys = self.keys.gather(2, gather.expand(-1, self.keys.shape[1], -1, self.keys.shape[-1]))
+        values = self.values.gather(2, gather.expand(-1, self.values.shape[1], -1, self.values.shape[-1]))
         self.pads = self.pads - drop_pads[:, 0]
+        self.has_pads = bool(self.pads.any())
+        self.key_buffer, self.value_buffer, self.start, self.length = keys, values, 0, keep
+        self._set_views()
+        return kept
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        num_new = key_states.shape[-2]
+        if self.start + self.length + num_new > self.key_buffer.shape[-2]:
+            self._reallocate(self.length + num_new)
+        end = self.start + self.length
+        self.key_buffer[:, :, end : end + num_new] = key_states
+        self.value_buffer[:, :, end : end + num_new] = value_states
+        self.length += num_new
+        self._set_views()
+
+    def _reallocate(self, needed: int) -> None:
+        """Fresh buffers for ``needed`` live slots plus spare ones (``max(S + W, needed) + margin``), live
+        slots copied to the front. The spare slots let eviction advance ``start`` for many steps."""
+        size = max(self.num_sink_tokens + self.window_length, needed)
+        capacity = size + max(16, size // 16)
+        buffers = []
+        for live in (self.keys, self.values):
+            buffer = live.new_empty((*live.shape[:2], capacity, live.shape[-1]))
+            buffer[:, :, : self.length] = live
+            buffers.append(buffer)
+        self.key_buffer, self.value_buffer = buffers
+        self.start = 0
+        self._set_views()
+
+    def _set_views(self) -> None:
+        self.keys = self.key_buffer[:, :, self.start : self.start + self.length]
+        self.values = self.value_buffer[:, :, self.start : self.start + self.length]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(keys attended, index of the first one among all tokens seen), for transformers' mask builders."""
@@ -184,15 +284,18 @@ class SinkCacheLayer(CacheLayerMixin):
         return self.num_sink_tokens + self.window_length
 
     def reset(self) -> None:
-        self.keys = self.values = self.positions = self.pads = self.inv_freq = None
-        self.is_initialized = False
-        self.seen = 0
+        self.keys = self.values = self.key_buffer = self.value_buffer = self.pads = self.inv_freq = None
+        self._inv_freq_seen = None
+        self._shifts.clear()
+        self.is_initialized = self.has_pads = False
+        self.start = self.length = self.offset = self.seen = 0
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if self.is_initialized:
             index = index.to(self.device)
-            self.keys, self.values = self.keys[index], self.values[index]
-            self.positions, self.pads = self.positions[index], self.pads[index]
+            self.key_buffer, self.value_buffer = self.key_buffer[index], self.value_buffer[index]
+            self.pads = self.pads[index]  # has_pads stays: selecting rows adds no pads
+            self._set_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -203,6 +306,13 @@ class SinkCacheLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             self._select_rows(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+
+
+def _unbound_error() -> ValueError:
+    return ValueError(
+        "SinkCache has to re-rotate cached keys but does not know the rotary embedding: "
+        "pass SinkCache(..., model=model) or patch the model with {'streaming': {...}}"
+    )
 
 
 class SinkCache(Cache):
@@ -230,13 +340,15 @@ class SinkCache(Cache):
         self.window_length = window_length
         self.position_frame: Literal["absolute", "cache"] = "absolute"
         self._model_ref = None
+        self._step_inv_freq: torch.Tensor | None = None
         if model is not None:
             self.bind(model)
 
     def bind(self, model: nn.Module, position_frame: Literal["absolute", "cache"] | None = None) -> "SinkCache":
         """Use ``model``'s rotary embedding (looked up on each update); optionally set the position frame."""
-        get_family(model)
-        self._model_ref = weakref.ref(model)
+        if self._model_ref is None or self._model_ref() is not model:
+            get_family(model)
+            self._model_ref = weakref.ref(model)
         if position_frame is not None:
             self.position_frame = position_frame
         return self
@@ -265,21 +377,24 @@ class SinkCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(self.layer_class_to_replicate())
+        if layer_idx == 0:  # once per forward: the rotary embedding has run and is the same for all layers
+            self._step_inv_freq = self._inv_freq()
         return self.layers[layer_idx].update(
             key_states,
             value_states,
-            inv_freq=self._inv_freq(),
+            inv_freq=self._step_inv_freq,
             cache_positions=self.position_frame == "cache",
         )
 
     def cached_lengths(self) -> list[int]:
         """Number of key slots currently held by each layer."""
-        return [layer.keys.shape[-2] if layer.is_initialized else 0 for layer in self.layers]
+        return [layer.length for layer in self.layers]
 
     def cache_bytes(self) -> int:
-        """Bytes held by the cached keys and values of all layers."""
+        """Bytes allocated for the keys and values of all layers (live slots and the spare ones)."""
         return sum(
-            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            buffer.numel() * buffer.element_size()
             for layer in self.layers
             if layer.is_initialized
+            for buffer in (layer.key_buffer, layer.value_buffer)
         )
