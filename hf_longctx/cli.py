@@ -120,7 +120,7 @@ def _evaluation_text(args, tokenizer):
 
 
 def cmd_eval(args) -> None:
-    from . import load_spec, patch, unpatch
+    from . import applied_sections, load_spec, patch, unpatch
     from .demo import ByteTokenizer
     from .evaluation import (
         markdown_table,
@@ -142,6 +142,7 @@ def cmd_eval(args) -> None:
         raise CliError(f"--data '{args.data}' is not a file")
     out = Path(args.out)
     model = load_model(args.model)
+    loaded_patches = applied_sections(model)
     tokenizer = load_tokenizer(args.model, model)
     if isinstance(tokenizer, ByteTokenizer):
         token_bytes = len
@@ -168,7 +169,8 @@ def cmd_eval(args) -> None:
         if "streaming" in tasks:
             results["streaming"] += _streaming_rows(name, evaluated, tokens, lengths)
         if spec is not None:
-            model = unpatch(evaluated)
+            # unpatch would also undo the patches the checkpoint was saved with: reload those instead.
+            model = load_model(args.model) if loaded_patches else unpatch(evaluated)
     out.mkdir(parents=True, exist_ok=True)
     write_json(results, out / "results.json")
     written = [out / "results.json"]

@@ -155,3 +155,18 @@ def test_demo_quick_trains_once_then_uses_the_cache(capsys, tmp_path, monkeypatc
     code, _, _ = run(capsys, "demo", "--quick", "--out", tmp_path / "again")
     assert code == 0
     assert json.loads((tmp_path / "again" / "results.json").read_text()) == rows
+
+
+def test_eval_keeps_the_patches_a_checkpoint_was_saved_with(capsys, tmp_path, ascii_text):
+    # A YaRN checkpoint, evaluated with a window spec and then as loaded ('none'): the window must
+    # not take the checkpoint's YaRN away from the rows that follow it.
+    hf_longctx.save_pretrained(hf_longctx.patch(tiny_model("llama", seed=0), "yarn-4x"), tmp_path / "yarn")
+    spec = tmp_path / "window.yaml"
+    spec.write_text("attention:\n  sliding_window: 8\n")
+    common = ["--lengths", "32,64", "--data", ascii_text, "--windows", "2"]
+    assert run(capsys, "eval", tmp_path / "yarn", "--preset", f"{spec},none", *common, "--out", tmp_path / "a")[0] == 0
+    assert run(capsys, "eval", tmp_path / "yarn", *common, "--out", tmp_path / "b")[0] == 0
+    both = json.loads((tmp_path / "a" / "results.json").read_text())["perplexity"]
+    alone = json.loads((tmp_path / "b" / "results.json").read_text())["perplexity"]
+    assert [r["nll"] for r in both[2:]] == [r["nll"] for r in alone]
+    assert [r["nll"] for r in both[:2]] != [r["nll"] for r in alone]
