@@ -16,7 +16,6 @@ sinks, and the two fine-tunes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -347,7 +346,6 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings()) -> li
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings.seed)
     train_files, held_out_files = stdlib_split(settings.holdout_every)
     held_out = read_bytes(held_out_files)
     tqdm.write(
