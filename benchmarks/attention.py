@@ -6,7 +6,9 @@
 cpu: the blocked sliding-window path against scaled_dot_product_attention with a dense
 boolean mask; fp32, B=1, H=8, D=64, W=512, N = 4k, 8k, 16k; forward only. The two are
 timed alternately, repeat after repeat, so that load on a shared machine hits both alike;
-the table gives medians. Target: blocked >= 4x faster at N = 8k and 16k.
+the table gives medians, and the load average at the start and end of the run says how
+shared the machine was. Target: blocked >= 4x faster at N = 8k and 16k, with torch's
+default threads.
 
 cuda: the Triton kernel, bf16, D = 64 and 128, N = 1k..16k with B·N = 16k and H·D = 2048;
 causal, non-causal, GQA 32/8 (Hq/Hkv = 4), windows 1k and 4k, sinks, ALiBi; forward,
@@ -19,6 +21,7 @@ pairs: forward 4·pairs·D, backward 2.5x that, forward+backward 3.5x.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -36,8 +39,13 @@ def _cpu_name() -> str:
     return f"{names[0] if names else platform.processor()} ({len(names)} logical CPUs)"
 
 
+def _load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def run_cpu(repeats: int) -> str:
     heads, d, window = 8, 64, 512
+    load_before = _load_average()
     lines = [f"CPU: {_cpu_name()}, torch {torch.__version__}, torch threads: {torch.get_num_threads()}; fp32, B=1, "
              f"H={heads}, D={d}, causal, W={window}, forward; median of {repeats} alternating repeats.", "",
              "| N | SDPA dense mask (ms) | blocked (ms) | speed-up | max abs diff |", "|---|---|---|---|---|"]
@@ -62,6 +70,7 @@ def run_cpu(repeats: int) -> str:
         diff = (outputs["sdpa"] - outputs["blocked"]).abs().max().item()
         lines.append(f"| {n} | {sdpa_ms:.1f} | {ours_ms:.1f} | {sdpa_ms / ours_ms:.1f}x | {diff:.1e} |")
         print(lines[-1], flush=True)
+    lines += ["", f"Load average (1/5/15 min) at start: {load_before}, at end: {_load_average()}."]
     return "\n".join(lines)
 
 
@@ -201,8 +210,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="cpu: timed repeats per implementation")
-    parser.add_argument("--threads", type=int, help="cpu: torch threads (default: torch's choice); 1 keeps a "
-                        "loaded shared machine from stalling both implementations at every parallel region")
+    parser.add_argument("--threads", type=int, help="cpu: torch threads (default: torch's own default)")
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args()
     if args.threads:
