@@ -11,9 +11,11 @@ import pytest
 import torch
 from conftest import tokens
 from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 import hf_longctx
 from hf_longctx import SinkCache, SpecError
+from hf_longctx.streaming import SinkCacheLayer
 from hf_longctx.evaluation.streaming import streaming_perplexity
 from hf_longctx.testing import tiny_config, tiny_model
 
@@ -317,3 +319,42 @@ def test_streaming_perplexity_matches_oracles():
     assert result.points[-1].perplexity == pytest.approx(nll.mean().exp().item(), rel=1e-5)
     assert result.points[0].perplexity == pytest.approx(nll[:20].mean().exp().item(), rel=1e-5)
     assert result.points[-1].cache_tokens == S + W
+
+
+# --- long streams: one-slot re-rotations do not drift -----------------------------------------------
+
+
+def exact_rotation(keys, positions, inv_freq):
+    """Un-rotated ``keys`` ``[B, H, N, D]`` rotated at ``positions`` ``[N]``, in float64 (rotate-half)."""
+    angles = positions.double()[:, None] * inv_freq.double()
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
+    keys = keys.double()
+    return keys * cos + _rotate_half(keys) * sin
+
+
+def test_long_stream_re_rotation_stays_as_exact_as_float32_rope():
+    # 5000 one-token steps in the cache frame: each window key is shifted by one slot per step, up to
+    # W - 1 = 1019 times before it leaves. Its error against the exact rotation at its slot must stay
+    # that of transformers' own float32 RoPE computed from scratch at the same slots.
+    sinks, window, steps = 4, 1020, 5000
+    config = tiny_config("llama", head_dim=32, num_key_value_heads=1)
+    rotary = LlamaRotaryEmbedding(config)
+    generator = torch.Generator().manual_seed(0)
+    raw_keys = torch.randn(1, 1, steps, 32, dtype=torch.float64, generator=generator)
+    values = torch.randn(1, 1, steps, 32, generator=generator)
+    # a key enters rotated (exactly) at its slot: positions 0..S+W-1, then always the last slot
+    slots = torch.arange(steps).clamp(max=sinks + window - 1)
+    inserted = exact_rotation(raw_keys, slots, rotary.inv_freq).float()
+    layer = SinkCacheLayer(sinks, window)
+    for t in range(steps):
+        layer.update(inserted[:, :, t : t + 1], values[:, :, t : t + 1], inv_freq=rotary.inv_freq, cache_positions=True)
+    kept = kept_indices(steps - 1, sinks, window)
+    exact = exact_rotation(raw_keys[:, :, kept], torch.arange(sinks + window), rotary.inv_freq)
+    cos, sin = rotary(values, torch.arange(sinks + window)[None])
+    transformers_keys, _ = apply_rotary_pos_emb(raw_keys[:, :, kept].float(), values[:, :, kept], cos, sin)
+
+    def error(keys):  # the worst key's relative error
+        return ((keys.double() - exact).norm(dim=-1) / exact.norm(dim=-1)).max().item()
+
+    assert torch.equal(layer.values, values[:, :, kept])
+    assert error(layer.keys) <= 1.25 * error(transformers_keys), (error(layer.keys), error(transformers_keys))
