@@ -123,15 +123,15 @@ def test_auto_backend_on_cpu_is_blocked_path():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("split", ["every_block_alone", "one_band_block_per_call"])
+@pytest.mark.parametrize("split", ["every_block_alone", "one_block_per_call"])
 @pytest.mark.parametrize("case", list(BAND_CASES))
 def test_blocked_band_path_agrees_with_per_block_path(case, split, monkeypatch):
     inputs, do, options = _make_case(case)
     band = _outputs_and_grads(_blocked, inputs, do, options, torch.float32)
     if split == "every_block_alone":
         monkeypatch.setattr(blocked, "_band_start", lambda n, m, **_: None)
-    else:  # every case here materialises something per band block (batch, sinks or sink logits)
-        monkeypatch.setattr(blocked, "_BAND_ELEMENTS", 1)
+    else:
+        monkeypatch.setattr(blocked, "_CALL_ELEMENTS", 1)
     per_block = _outputs_and_grads(_blocked, inputs, do, options, torch.float32)
     for name, a, b in zip(["out", "dq", "dk", "dv", "d_sink_logits"], band, per_block):
         torch.testing.assert_close(a, b, msg=lambda text: f"{name}: {text}")
@@ -150,6 +150,21 @@ def test_sliding_window_runs_as_two_calls(sink_tokens, monkeypatch):
         assert len(calls) == 2, calls
         band_blocks, _, rows, _ = calls[1]
         assert rows == block and band_blocks * block >= n - (window + sink_tokens + 2 * block)
+
+
+@pytest.mark.parametrize("window", [100, 1000])
+def test_blocked_calls_stay_under_the_element_limit(window, monkeypatch):
+    """With sink logits the scores `[B, Hq, rows, keys]` are materialised: each call keeps them under the limit
+    (or to one block), however large the window."""
+    limit, block = 1 << 16, 32
+    monkeypatch.setattr(blocked, "_CALL_ELEMENTS", limit)
+    calls = []
+    monkeypatch.setattr(blocked, "_attend_rows", lambda q, k, *args, **kwargs: calls.append((q.shape, k.shape)) or q)
+    q, k, v = _qkv(b=2, hq=4, hkv=2, n=1000, m=1000)
+    _blocked(q, k, v, window=window, sink_tokens=2, sink_logits=torch.zeros(4))
+    assert sum(q_shape[0] * q_shape[2] for q_shape, _ in calls) == 2 * 1000  # [B or B·blocks, Hq, rows, D]
+    for (x, hq, rows, _), (_, _, keys, _) in calls:
+        assert x * hq * rows * keys <= max(limit, 2 * hq * block * keys), (x, rows, keys)  # B = 2
 
 
 TABLE_CASES = [  # (q_lens, k_lens, block_m, block_n, causal, window, sink_tokens)

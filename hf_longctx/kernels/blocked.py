@@ -7,11 +7,11 @@ costs O(N·(W + block_size)) time and memory instead of O(N·M).
 
 With a sliding window, every full block whose window range starts after the sink keys
 sees the same mask relative to its own key band, so those blocks run batched, in one call
-(or a few, if the call would materialise more than `_BAND_ELEMENTS`): the bands of
+(or a few, if the call would materialise more than `_CALL_ELEMENTS`): the bands of
 W - 1 + block_size keys are strided views of K/V (`unfold`), the query blocks are folded
 into the batch dimension, and one `[block_size, S + W - 1 + block_size]` mask serves them
 all. The rows before the band (whose window reaches back into the sink keys or before the
-first key) go as one block. Few, large calls keep the path fast when a parallel region
+first key) go as one block, under the same limit. Few, large calls keep the path fast when a parallel region
 waits on a descheduled thread (a loaded machine). Without a window, and for ALiBi with
 sink tokens (the sink distance differs per block), every block goes on its own.
 
@@ -29,9 +29,9 @@ from .reference import attend, visible
 
 __all__ = ["blocked_attention"]
 
-# Elements one batched band call may materialise (scores with sink logits, copied K/V bands):
+# Elements one call may materialise (masks, scores with sink logits, copied K/V bands):
 # 2**26 fp32 values are 256 MiB, and at that size the per-call overhead is long amortised.
-_BAND_ELEMENTS = 1 << 26
+_CALL_ELEMENTS = 1 << 26
 
 
 def _attend_rows(q, k, v, mask, q_pos, k_pos, *, alibi_slopes, sink_logits, scale):
@@ -84,17 +84,9 @@ def _band_start(n: int, m: int, *, window, sink_tokens, alibi_slopes, block_size
     return min(n, head + block_size * max(0, -(-(need - head) // block_size)))
 
 
-def _band_blocks_per_call(b, hq, hkv, d, *, window, sink_tokens, sink_logits, block_size) -> int | None:
-    """Band blocks per batched call so that what the call materialises stays under `_BAND_ELEMENTS`.
-
-    That is the scores with sink logits (matmul + softmax) and the copied K/V bands with a
-    batch or sink keys; SDPA over strided views of K/V materialises neither (None: no limit).
-    """
-    keys = sink_tokens + window - 1 + block_size
-    per_block = hq * block_size * keys if sink_logits is not None else 0
-    if b > 1 or sink_tokens:
-        per_block += 2 * hkv * keys * d
-    return max(1, _BAND_ELEMENTS // (b * per_block)) if per_block else None
+def _rows_per_call(per_row: int, block_size: int) -> int:
+    """Query rows per call, a multiple of block_size, that keep per_row elements each under `_CALL_ELEMENTS`."""
+    return block_size * max(1, _CALL_ELEMENTS // max(1, block_size * per_row))
 
 
 def _attend_band(q, k, v, r0, r1, *, window, sink_tokens, alibi_slopes, sink_logits, scale, block_size):
@@ -111,11 +103,10 @@ def _attend_band(q, k, v, r0, r1, *, window, sink_tokens, alibi_slopes, sink_log
     keys = slice(m - n + r0 - window + 1, m - n + r1)
 
     def bands(t):  # [B, H, M, D] -> [B·blocks, H, S + L, D]
-        t_band = t[:, :, keys].unfold(2, band, block_size).transpose(-1, -2).movedim(2, 1).flatten(0, 1)
-        if not sink_tokens:
-            return t_band
-        sinks = t[:, None, :, :sink_tokens].expand(b, num_blocks, -1, -1, -1).flatten(0, 1)
-        return torch.cat([sinks, t_band], dim=2)
+        t_band = t[:, :, keys].unfold(2, band, block_size).transpose(-1, -2).movedim(2, 1)
+        if sink_tokens:
+            t_band = torch.cat([t[:, None, :, :sink_tokens].expand(b, num_blocks, -1, -1, -1), t_band], dim=3)
+        return t_band.flatten(0, 1)
 
     qb = q[:, :, r0:r1].unflatten(2, (num_blocks, block_size)).movedim(2, 1).flatten(0, 1)
     # Positions relative to the band's first key: query j of a block sits W - 1 + j keys in.
@@ -133,9 +124,9 @@ def _attend_band(q, k, v, r0, r1, *, window, sink_tokens, alibi_slopes, sink_log
 def _attend_sequence(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink_logits, scale, block_size):
     """One unpacked sequence: q `[B, Hq, N, D]`, k/v `[B, Hkv, M, D]`, queries bottom-right aligned.
 
-    With the band form, the rows before the band (fewer than W + S + 2·block_size) go as one
-    block over their own key range, the band in as few calls as `_band_blocks_per_call`
-    allows; otherwise every block of block_size rows goes on its own.
+    With the band form, the rows before the band (fewer than W + S + 2·block_size) and the
+    band each go in as few calls as `_CALL_ELEMENTS` allows (one each, unless W or the
+    scores are large); otherwise every block of block_size rows goes on its own.
     """
     (b, hq, n, d), hkv, m = q.shape, k.shape[1], k.shape[2]
     options = dict(window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes, sink_logits=sink_logits,
@@ -146,13 +137,14 @@ def _attend_sequence(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink
         band_start = n
         bounds = [0, *range(n % block_size or block_size, n, block_size), n]
     else:
-        per_call = _band_blocks_per_call(b, hq, hkv, d, window=window, sink_tokens=sink_tokens,
-                                         sink_logits=sink_logits, block_size=block_size)
-        bounds = [0, *range(band_start, n, block_size * per_call if per_call else n), n]
+        scores = b * hq if sink_logits is not None else 0  # matmul + softmax materialise [B, Hq, rows, keys]
+        lead_keys = sink_tokens + window - 1 + band_start  # at most, for rows before the band; mask [rows, keys]
+        band_keys = sink_tokens + window - 1 + block_size  # one mask for all band blocks
+        copies = 2 * b * hkv * band_keys * d // block_size if b > 1 or sink_tokens else 0  # K/V bands, per row
+        bounds = [*range(0, band_start, _rows_per_call(lead_keys * max(1, scores), block_size)),
+                  *range(band_start, n, _rows_per_call(band_keys * scores + copies, block_size)), n]
     outputs = []
     for r0, r1 in zip(bounds, bounds[1:]):
-        if r1 == r0:
-            continue
         if r0 >= band_start:
             outputs.append(_attend_band(q, k, v, r0, r1, block_size=block_size, **options))
         else:
