@@ -219,10 +219,13 @@ def test_preset():
 
 
 @pytest.mark.slow
-def test_memory_task_is_learned_with_memory_and_not_without():
+def test_memory_task_is_learned_with_memory_and_not_without(request):
     """The passkey sits 4 segments before its question: chance is 1/16 without memory."""
     task = PasskeyTask()
     accuracy = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from threads, and loses much when cores are busy
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     for memory_tokens in (4, 0):
         torch.manual_seed(0)
         spec = {"memory": {"memory_tokens": memory_tokens, "segment_length": task.segment_length, "bptt_depth": None}}
