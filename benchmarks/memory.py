@@ -33,9 +33,6 @@ import hf_longctx
 from hf_longctx.memory.task import PasskeyTask, evaluate_memory_task, train_memory_task
 from hf_longctx.testing import tiny_model
 
-logger = logging.getLogger(__name__)
-
-
 def machine() -> str:
     """CPU model name, core count and torch threads."""
     name = platform.processor() or platform.machine()

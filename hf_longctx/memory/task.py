@@ -12,14 +12,10 @@ scores it on held-out examples (another seed); ``benchmarks/memory.py`` and the 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class PasskeyTask:
