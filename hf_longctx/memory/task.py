@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+
 @dataclass(frozen=True)
 class PasskeyTask:
     segment_length: int = 8
