@@ -17,7 +17,7 @@ sink tokens (the sink distance differs per block), every block goes on its own.
 
 All forms share `_attend_rows`: SDPA's fused kernel without sink logits, matmul + softmax
 with them. Packed documents are attended one at a time. Differentiable through autograd;
-fp16/bf16 are computed in fp32, as the Triton kernel accumulates.
+fp16/bf16 are computed in fp32.
 """
 
 from __future__ import annotations
@@ -38,18 +38,15 @@ def _attend_rows(q, k, v, mask, q_pos, k_pos, *, alibi_slopes, sink_logits, scal
     """Softmax attention of q `[X, Hq, n, D]` over k/v `[X, Hkv, m, D]`, one `[n, m]` mask for all X.
 
     mask bool `[n, m]` (True = visible); q_pos `[n]` / k_pos `[m]` are read only for ALiBi
-    (pass None without it), where only their differences matter. Returns `[X, Hq, n, D]` in
-    q's dtype; fp16/bf16 are computed in fp32.
+    (pass None without it), where only their differences matter. Returns `[X, Hq, n, D]`.
     """
-    work_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    qw, kw, vw = q.to(work_dtype), k.to(work_dtype), v.to(work_dtype)
     if sink_logits is not None:
-        return attend(qw, kw, vw, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale).to(q.dtype)
+        return attend(q, k, v, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale)
     # SDPA's fused CPU kernel is about twice as fast as matmul + softmax; it has no sink column.
     if alibi_slopes is not None:
-        distance = (q_pos[:, None] - k_pos[None, :]).abs().to(work_dtype)
-        mask = (-alibi_slopes.to(work_dtype)[:, None, None] * distance).masked_fill(~mask, float("-inf"))
-    return F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask, scale=scale, enable_gqa=True).to(q.dtype)
+        distance = (q_pos[:, None] - k_pos[None, :]).abs().to(q.dtype)
+        mask = (-alibi_slopes.to(q.dtype)[:, None, None] * distance).masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def _attend_block(q, k, v, r0, r1, *, causal, window, sink_tokens, alibi_slopes, sink_logits, scale):
@@ -157,12 +154,16 @@ def blocked_attention(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sin
     """Attention with `flash_attention` semantics on already validated inputs (see `check_inputs`).
 
     q `[B, Hq, N, D]`, k/v `[B, Hkv, M, D]` -> `[B, Hq, N, D]`; cu_seqlens int32 `[num_docs + 1]`
-    or None; scale a float. `block_size` query rows are processed per step.
+    or None; scale a float. `block_size` query rows are processed per step. fp16/bf16 are
+    computed in fp32, as the Triton kernel accumulates.
     """
     options = dict(causal=causal, window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes,
                    sink_logits=sink_logits, scale=scale, block_size=block_size)
+    # Cast once, before K/V are viewed as overlapping bands: a cast of the bands would copy them.
+    work_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qw, kw, vw = q.to(work_dtype), k.to(work_dtype), v.to(work_dtype)
     if cu_seqlens is None:
-        return _attend_sequence(q, k, v, **options)
+        return _attend_sequence(qw, kw, vw, **options).to(q.dtype)
     bounds = cu_seqlens.tolist()
-    return torch.cat([_attend_sequence(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], **options)
-                      for s, e in zip(bounds, bounds[1:]) if e > s], dim=2)
+    return torch.cat([_attend_sequence(qw[:, :, s:e], kw[:, :, s:e], vw[:, :, s:e], **options)
+                      for s, e in zip(bounds, bounds[1:]) if e > s], dim=2).to(q.dtype)
