@@ -7,14 +7,21 @@ it), so at most ``S + W`` keys. Eviction happens lazily at the start of an updat
 number of new tokens is known, so between steps the cache holds at most ``S + W`` tokens.
 
 Positions follow StreamingLLM: the attended keys sit in consecutive slots, sinks first,
-ending right before the new tokens. transformers rotates keys before caching them, so each
-cached key remembers the position it is rotated at (``positions``) and is rotated again by
-the difference when its slot changes, using the inverse frequencies of the model's own
-rotary embedding, looked up on every update (the rope patch may have replaced it). The
-rotation is exact for every rope type whose angle is ``position * inv_freq`` (default,
-linear, YaRN, Llama 3, NTK; partial rotary of GPT-NeoX and Phi-3 rotates only the rotary
-dims), and when the inverse frequencies themselves change (dynamic NTK, LongRoPE switching
-to its long factors) the cached keys are moved onto the new frequencies too.
+ending right before the new tokens. transformers rotates keys before caching them, so the
+cache knows the position each cached key is rotated at and rotates it again by the
+difference when its slot changes, using the inverse frequencies of the model's own rotary
+embedding, looked up once per forward (the rope patch may have replaced it). The rotation is
+exact for every rope type whose angle is ``position * inv_freq`` (default, linear, YaRN,
+Llama 3, NTK; partial rotary of GPT-NeoX and Phi-3 rotates only the rotary dims), and when
+the inverse frequencies themselves change (dynamic NTK, LongRoPE switching to its long
+factors) the cached keys are moved onto the new frequencies too.
+
+Numerics: in the ``"cache"`` frame every window key is shifted by one slot per step, in place,
+at most ``W - 1`` times before it is evicted, so the rounding does not grow with the stream;
+after those shifts a key is as close to the exact rotation at its slot as float32 RoPE computed
+from scratch (:func:`shift_factors`). In the ``"absolute"`` frame the sinks are shifted on every
+step for as long as the stream lasts; their rounding grows like that of float32 RoPE at the
+growing absolute positions the model itself uses there.
 
 Two position frames, chosen by who computes the ``position_ids``:
 
