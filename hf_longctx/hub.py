@@ -163,6 +163,11 @@ def model_card(
         lines.append(f"base_model: {base}")
     lines += ["---", "", f"# {type(target).__name__} patched with hf_longctx", ""]
     lines += [f"- **Base model:** `{base}`", f"- **Context length (max_position_embeddings):** {config.max_position_embeddings}"]
+    if "memory" in sections:
+        lines.append("- **Input length:** unbounded: segments of "
+                     f"{sections['memory'].get('segment_length', 512)} tokens linked by recurrent memory tokens")
+    if "streaming" in sections:
+        lines.append("- **Input length:** unbounded stream; the KV cache keeps the attention sinks and a recent window")
     lines += ["", "## Applied patches", ""]
     if not sections:
         lines.append("None.")

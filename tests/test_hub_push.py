@@ -30,6 +30,7 @@ BASE_REPO = "tester/tiny-llama"
 SPECS = {
     "yarn": {"rope": {"type": "yarn", "factor": 4}},
     "alibi": {"alibi": {}},
+    "memory": {"memory": {"memory_tokens": 2, "segment_length": 8}},  # a wrapper with its own weights
 }
 NATIVE = {"yarn"}  # specs whose checkpoint plain transformers loads to the same logits
 SEQ_LEN = 160  # beyond the 64 trained positions, within YaRN's 4x = 256
@@ -118,10 +119,15 @@ def test_pushed_files_arrive(pushed, name):
     assert f"base_model: {BASE_REPO}" in card
     assert f"**Base model:** `{BASE_REPO}`" in card
     assert f"**Context length (max_position_embeddings):** {expected_context}" in card
-    if name == "yarn":
-        assert "- **rope**: `type` = 'yarn', `factor` = 4" in card
-    else:
-        assert "- **alibi**: defaults" in card
+    expected_patch = {
+        "yarn": "- **rope**: `type` = 'yarn', `factor` = 4",
+        "alibi": "- **alibi**: defaults",
+        "memory": "- **memory**: `memory_tokens` = 2, `segment_length` = 8",
+    }[name]
+    assert expected_patch in card
+    if name == "memory":  # the wrapper's own weights travel beside the base model's
+        assert "hf_longctx_extra.safetensors" in files
+        assert "segments of 8 tokens linked by recurrent memory tokens" in card
     snippet = ast.parse(card.split("```python\n", 1)[1].split("```", 1)[0])  # the card's loading code
     loads = [c for c in ast.walk(snippet) if isinstance(c, ast.Call) and ast.unparse(c.func) == "hf_longctx.from_pretrained"]
     assert [ast.literal_eval(c.args[0]) for c in loads] == [repo_id(name)]
