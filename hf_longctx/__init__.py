@@ -26,6 +26,8 @@ _LAZY = {
 
 
 def __getattr__(name):
+    if name in ("evaluation", "training", "kernels"):
+        return importlib.import_module(f"hf_longctx.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hf_longctx' has no attribute '{name}'")
