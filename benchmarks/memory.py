@@ -3,7 +3,7 @@
     python benchmarks/memory.py                       # both parts, markdown tables on stdout
     python benchmarks/memory.py --part learn --steps 300
     python benchmarks/memory.py --part cost --lengths 4096 8192 16384 32768 65536
-    python benchmarks/memory.py --output benchmarks/memory_results.md
+    python benchmarks/memory.py --output memory_tables.md
 
 Learning: a tiny random llama (hidden 64, 2 layers) is trained on the passkey task of
 ``hf_longctx.memory.task`` (the passkey in the first of 5 segments of 8 tokens, the question in the
