@@ -76,6 +76,12 @@ def from_pretrained(path_or_repo: str | Path, **kwargs: Any) -> nn.Module:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if not Path(path_or_repo).is_dir() and not kwargs.get("local_files_only"):
+        # Pin one commit, so that config, weights and patch weights cannot come from two pushes.
+        from huggingface_hub import HfApi
+
+        info = HfApi(token=kwargs.get("token")).model_info(str(path_or_repo), revision=kwargs.get("revision"))
+        kwargs = {**kwargs, "revision": info.sha}
     config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
     config = AutoConfig.from_pretrained(path_or_repo, **config_kwargs)
     sections = getattr(config, "hf_longctx", None) or {}
