@@ -5,12 +5,17 @@ in the same precision (plus 1e-6), for the output and every gradient. bf16 `tl.d
 wrong under the Triton interpreter, so bf16 is only checked here.
 """
 
+import os
+
 import pytest
 import torch
 
 from hf_longctx.kernels import flash_attention, flash_attention_reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="Triton runs in its CPU interpreter"),
+]
 
 # name: (B, Hq, Hkv, N, M, D, options)
 CASES = {
