@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from test_kernels import _outputs_and_grads
+
 from hf_longctx.kernels import flash_attention, flash_attention_reference
 
 pytestmark = [
@@ -43,15 +45,6 @@ def _case(name):
     if "cu_seqlens" in options:
         options["cu_seqlens"] = torch.tensor(options["cu_seqlens"], dtype=torch.int32, device="cuda")
     return (q, k, v, sink), do, options
-
-
-def _outputs_and_grads(fn, inputs, do, options, dtype):
-    q, k, v, sink = inputs
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    if sink is not None:
-        leaves.append(sink.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_())
-    out = fn(*leaves[:3], sink_logits=leaves[3] if sink is not None else None, **options)
-    return [out, *torch.autograd.grad(out, leaves, do.to(dtype))]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
