@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -97,8 +98,9 @@ def from_pretrained(path_or_repo: str | Path, **kwargs: Any) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path_or_repo, config=config, **kwargs)
     if not sections:
         return model
+    loaded = set(model.state_dict())
     result = patch(model, sections)
-    _load_patch_weights(result, path_or_repo, config_kwargs)
+    _load_patch_weights(result, path_or_repo, config_kwargs, loaded)
     return result
 
 
@@ -120,11 +122,11 @@ def _checkpoint_files(path_or_repo: str | Path, names: list[str], hub_kwargs: di
     return found
 
 
-def _load_patch_weights(model: nn.Module, path_or_repo: str | Path, hub_kwargs: dict) -> None:
-    """Load the parameters that patches created (sinks, memory) from the checkpoint.
+def _load_patch_weights(model: nn.Module, path_or_repo: str | Path, hub_kwargs: dict, loaded: set[str]) -> None:
+    """Load the parameters that patches created (sinks, experts, memory) from the checkpoint.
 
-    transformers loaded the base weights into the unpatched model and skipped the rest;
-    the patched model now has those parameters, freshly initialised, so load them here.
+    transformers loaded the ``loaded`` keys into the unpatched model and skipped the rest;
+    the patched model now has those parameters, freshly initialised, so read just them here.
     """
     target = base_model(model)
     index_name = "model.safetensors.index.json"
@@ -136,13 +138,15 @@ def _load_patch_weights(model: nn.Module, path_or_repo: str | Path, hub_kwargs: 
         weight_files = [files["model.safetensors"]] if "model.safetensors" in files else []
     own = target.state_dict()
     for file in weight_files:
-        tensors = {k: v for k, v in load_file(str(file)).items() if k in own}
-        unknown = [k for k in load_file(str(file)) if k not in own]
-        if unknown:
-            logger.warning("checkpoint keys not used by the patched model: %s", ", ".join(unknown[:5]))
-        with torch.no_grad():
-            for key, value in tensors.items():
-                own[key].copy_(value.to(own[key].dtype))
+        with safe_open(str(file), framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+            unknown = [k for k in keys if k not in own]
+            if unknown:
+                logger.warning("checkpoint keys not used by the patched model: %s", ", ".join(unknown[:5]))
+            with torch.no_grad():
+                for key in keys:
+                    if key in own and key not in loaded:
+                        own[key].copy_(checkpoint.get_tensor(key).to(own[key].dtype))
     if EXTRA_WEIGHTS in files:
         model.load_hf_longctx_extra_state_dict(load_file(str(files[EXTRA_WEIGHTS])))
 
