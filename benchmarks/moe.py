@@ -20,11 +20,11 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, MixtralConfig
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from hf_longctx.moe.layer import SparseMoeBlock
+from hf_longctx.testing import mixtral_block
 
 
 def fwd_bwd_times(modules: dict[str, torch.nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int, device):
@@ -46,25 +46,6 @@ def fwd_bwd_times(modules: dict[str, torch.nn.Module], x: torch.Tensor, grad: to
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def mixtral_block(moe: SparseMoeBlock, hidden: int, implementation: str) -> MixtralSparseMoeBlock:
-    """transformers' Mixtral block with the weights of ``moe``."""
-    experts = moe.experts
-    config = MixtralConfig(
-        hidden_size=hidden,
-        intermediate_size=experts.down_proj.shape[-1],
-        num_local_experts=experts.num_experts,
-        num_experts_per_tok=moe.gate.top_k,
-        router_jitter_noise=0.0,
-    )
-    config._experts_implementation = implementation
-    block = MixtralSparseMoeBlock(config).to(experts.down_proj.device)
-    with torch.no_grad():
-        block.gate.weight.copy_(moe.gate.weight)
-        block.experts.gate_up_proj.copy_(experts.gate_up_proj)
-        block.experts.down_proj.copy_(experts.down_proj)
-    return block
-
-
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -81,7 +62,7 @@ def run(device: torch.device, args) -> list[tuple[str, float]]:
     x = torch.randn(1, args.tokens, args.hidden, device=device)
     grad = torch.randn_like(x)
     # The MoE output must be the Mixtral block's before its time means anything.
-    reference = mixtral_block(moe, args.hidden, "eager")
+    reference = mixtral_block(moe, "eager")
     with torch.no_grad():
         err = (moe(x) - reference(x)).abs().max().item()
     assert err < 1e-4, f"hf_longctx MoE differs from transformers' Mixtral block by {err}"
@@ -89,7 +70,7 @@ def run(device: torch.device, args) -> list[tuple[str, float]]:
         "dense MLP (LlamaMLP)": dense,
         "hf_longctx MoE, top-2 of 8": moe,
         "Mixtral block, experts eager": reference,
-        "Mixtral block, experts grouped_mm": mixtral_block(moe, args.hidden, "grouped_mm"),
+        "Mixtral block, experts grouped_mm": mixtral_block(moe, "grouped_mm"),
     }
     return list(fwd_bwd_times(candidates, x, grad, args.repeats, device).items())
 

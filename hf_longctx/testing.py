@@ -49,3 +49,28 @@ def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **
             if param.dim() == 1 and torch.all(param == 0):
                 param.normal_(0.0, 0.02)
     return model.eval()
+
+
+def mixtral_block(moe, implementation: str = "eager"):
+    """transformers' own ``MixtralSparseMoeBlock`` holding the weights of an upcycled ``SparseMoeBlock``.
+
+    ``implementation`` is Mixtral's experts implementation (``"eager"``: its loop over experts, the
+    plainest reference; ``"grouped_mm"``). Used as the oracle in tests and the baseline in benchmarks.
+    """
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    experts = moe.experts
+    config = MixtralConfig(
+        hidden_size=experts.down_proj.shape[1],
+        intermediate_size=experts.down_proj.shape[-1],
+        num_local_experts=experts.num_experts,
+        num_experts_per_tok=moe.gate.top_k,
+    )
+    config._experts_implementation = implementation
+    block = MixtralSparseMoeBlock(config).to(experts.down_proj.device)
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.gate.weight)
+        block.experts.gate_up_proj.copy_(experts.gate_up_proj)
+        block.experts.down_proj.copy_(experts.down_proj)
+    return block

@@ -41,6 +41,13 @@ def reference_logits(model, ids, window=W, sinks=S, **kwargs):
                  use_cache=False, **kwargs).logits
 
 
+def randomize_sinks(model):
+    """Trained-looking sink logits, so that the sinks visibly change the attention."""
+    with torch.no_grad():
+        for attn in get_family(model).attention_modules(model):
+            attn.sinks.copy_(torch.randn(attn.sinks.shape))
+
+
 def attention_spec(backend="auto", window=W, sinks=S, **extra):
     return {"attention": {"backend": backend, "sliding_window": window, "sink_tokens": sinks, **extra}}
 
@@ -121,9 +128,7 @@ def test_learnable_sinks_identity_at_init_gradients_and_trained_values(backend):
 def test_trained_sink_logits_equal_gpt_oss_eager(backend):
     model = tiny_model("llama")
     hf_longctx.patch(model, attention_spec(backend, learnable_sinks=True))
-    with torch.no_grad():
-        for attn in get_family(model).attention_modules(model):
-            attn.sinks.copy_(torch.randn(attn.sinks.shape))
+    randomize_sinks(model)
     ids = tokens(2, 24)
     got = model(ids).logits
     oracle = copy.deepcopy(model)
@@ -134,9 +139,7 @@ def test_trained_sink_logits_equal_gpt_oss_eager(backend):
 def test_trained_sinks_survive_save_and_from_pretrained(tmp_path):
     model = tiny_model("llama")
     hf_longctx.patch(model, attention_spec(learnable_sinks=True))
-    with torch.no_grad():
-        for attn in get_family(model).attention_modules(model):
-            attn.sinks.copy_(torch.randn(attn.sinks.shape))
+    randomize_sinks(model)
     ids = tokens(1, 24)
     with torch.no_grad():
         expected = model(ids).logits
@@ -154,9 +157,8 @@ def test_trained_sinks_survive_save_and_from_pretrained(tmp_path):
 def test_generate_with_kv_cache_equals_full_recompute(backend):
     model = tiny_model("llama")
     hf_longctx.patch(model, attention_spec(backend, learnable_sinks=True))
+    randomize_sinks(model)
     with torch.no_grad():
-        for attn in get_family(model).attention_modules(model):
-            attn.sinks.copy_(torch.randn(attn.sinks.shape))
         ids = tokens(1, 12)
         options = dict(max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True)
         cached = model.generate(ids, use_cache=True, **options)
@@ -190,9 +192,7 @@ def test_packed_sequence_equals_documents_alone(backend, dropout):
     # dropout > 0 in train mode takes the torch path (the kernels have no dropout); 1e-12 never drops.
     model = tiny_model("llama", attention_dropout=dropout).train(dropout > 0)
     hf_longctx.patch(model, attention_spec(backend, learnable_sinks=True))
-    with torch.no_grad():
-        for attn in get_family(model).attention_modules(model):
-            attn.sinks.copy_(torch.randn(attn.sinks.shape))
+    randomize_sinks(model)
     rows = [[tokens(1, n, seed=n)[0] for n in lengths] for lengths in ((9, 14, 5), (14, 5, 9))]  # two packed rows
     packed = torch.stack([torch.cat(docs) for docs in rows])
     position_ids = torch.stack([torch.cat([torch.arange(len(d)) for d in docs]) for docs in rows])

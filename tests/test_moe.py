@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 from conftest import ALL_FAMILIES, tokens
-from transformers import AutoModelForCausalLM, MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers import AutoModelForCausalLM
 
 import hf_longctx as hl
 from hf_longctx.families import get_family
 from hf_longctx.moe.layer import SparseMoeBlock
-from hf_longctx.testing import tiny_model
+from hf_longctx.testing import mixtral_block, tiny_model
 
 TRAINED = 64  # max_position_embeddings of the tiny configs
 INIT = 0.2  # larger than the default 0.02, so that the MLPs move the logits far above the tolerances
@@ -56,23 +55,6 @@ def test_partition_with_all_experts_gives_the_dense_logits(model_type):
     assert (logits(sparse, ids) - dense).abs().max() > 1e-3
 
 
-def mixtral_twin(block: SparseMoeBlock, hidden: int) -> MixtralSparseMoeBlock:
-    experts = block.experts
-    config = MixtralConfig(
-        hidden_size=hidden,
-        intermediate_size=experts.down_proj.shape[-1],
-        num_local_experts=experts.num_experts,
-        num_experts_per_tok=block.gate.top_k,
-    )
-    config._experts_implementation = "eager"  # transformers' loop over experts: the plainest reference
-    twin = MixtralSparseMoeBlock(config)
-    with torch.no_grad():
-        twin.gate.weight.copy_(block.gate.weight)
-        twin.experts.gate_up_proj.copy_(experts.gate_up_proj)
-        twin.experts.down_proj.copy_(experts.down_proj)
-    return twin
-
-
 @pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
 @pytest.mark.parametrize("num_tokens", [3, 257])  # 3 tokens x top-2 leave most of the 8 experts empty
 def test_block_matches_mixtral_block_forward_and_backward(backend, num_tokens):
@@ -80,7 +62,7 @@ def test_block_matches_mixtral_block_forward_and_backward(backend, num_tokens):
     dense = get_family(llama).mlp_modules(llama)[0]
     block = SparseMoeBlock.from_dense(dense, "swiglu", num_experts=8, top_k=2, noise=0.3)
     block.experts.backend = backend
-    twin = mixtral_twin(block, 64)
+    twin = mixtral_block(block)  # transformers' eager loop over experts: the plainest reference
     x = torch.randn(1, num_tokens, 64)
     grad = torch.randn_like(x)
     outputs, grads = [], []

@@ -32,4 +32,5 @@ __all__ = [
     "score_last_tokens",
     "streaming_perplexity",
     "window_ends",
+    "write_json",
 ]
