@@ -2,9 +2,10 @@
 
     python benchmarks/moe.py [--tokens 4096] [--hidden 512] [--intermediate 1536] [--repeats 7] [--threads N]
 
-All three run side by side in one process on the same input (``[1, tokens, hidden]``, float32,
-CPU; and CUDA when a GPU is present): the dense ``LlamaMLP``, the hf_longctx ``SparseMoeBlock``
-upcycled from it (``init="copy"``, a little noise), and ``MixtralSparseMoeBlock`` holding the same
+All of them run side by side in one process on the same input (``[1, tokens, hidden]``,
+float32, CPU; and CUDA when a GPU is present): the dense ``LlamaMLP``; the hf_longctx
+``SparseMoeBlock`` upcycled from it (``init="copy"``, a little noise) with the backend ``auto``
+picks on that device and with ``grouped_mm``; and ``MixtralSparseMoeBlock`` holding the same
 weights, with each of transformers' expert implementations (``eager``: a loop over experts;
 ``grouped_mm``). Prints a markdown table of medians and ratios to the dense MLP; a top-2 MoE
 does 2.0x the dense MLP's FLOPs.
@@ -13,6 +14,7 @@ does 2.0x the dense MLP's FLOPs.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import subprocess
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from hf_longctx.moe.dispatch import resolve_backend
 from hf_longctx.moe.layer import SparseMoeBlock
 from hf_longctx.testing import mixtral_block
 
@@ -66,9 +69,12 @@ def run(device: torch.device, args) -> list[tuple[str, float]]:
     with torch.no_grad():
         err = (moe(x) - reference(x)).abs().max().item()
     assert err < 1e-4, f"hf_longctx MoE differs from transformers' Mixtral block by {err}"
+    grouped = copy.deepcopy(moe)
+    grouped.experts.backend = "grouped_mm"
     candidates = {
         "dense MLP (LlamaMLP)": dense,
-        "hf_longctx MoE, top-2 of 8": moe,
+        f"hf_longctx MoE, top-2 of 8 ({resolve_backend('auto', x, moe.experts.gate_up_proj)})": moe,
+        "hf_longctx MoE, grouped_mm backend": grouped,
         "Mixtral block, experts eager": reference,
         "Mixtral block, experts grouped_mm": mixtral_block(moe, "grouped_mm"),
     }

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_longctx as hl
 from hf_longctx.families import get_family
+from hf_longctx.moe.dispatch import resolve_backend, route
 from hf_longctx.moe.layer import SparseMoeBlock
 from hf_longctx.testing import mixtral_block, tiny_model
 
@@ -55,7 +56,7 @@ def test_partition_with_all_experts_gives_the_dense_logits(model_type):
     assert (logits(sparse, ids) - dense).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "bmm"])
 @pytest.mark.parametrize("num_tokens", [3, 257])  # 3 tokens x top-2 leave most of the 8 experts empty
 def test_block_matches_mixtral_block_forward_and_backward(backend, num_tokens):
     llama = model("llama")
@@ -77,35 +78,110 @@ def test_block_matches_mixtral_block_forward_and_backward(backend, num_tokens):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["gpt_neox", "phi3", "gemma"])
-def test_distinct_experts_match_the_family_mlp_weighted_by_the_router(model_type):
-    """Each expert is the family's own transformers MLP class holding that expert's weights."""
+def family_expert_mlps(dense, kind, experts):
+    """One copy of the family's own transformers MLP class per expert, holding that expert's weights.
+
+    Returns (the MLPs, for each a list of (MLP parameter, the expert parameter, its slice))."""
+    mlps, pairs = [], []
+    for e in range(experts.num_experts):
+        mlp = copy.deepcopy(dense)
+        if kind == "gelu":
+            links = [
+                (mlp.dense_h_to_4h.weight, experts.up_proj, e),
+                (mlp.dense_h_to_4h.bias, experts.up_proj_bias, e),
+                (mlp.dense_4h_to_h.weight, experts.down_proj, e),
+                (mlp.dense_4h_to_h.bias, experts.down_proj_bias, e),
+            ]
+        elif kind == "fused_swiglu":
+            links = [(mlp.gate_up_proj.weight, experts.gate_up_proj, e), (mlp.down_proj.weight, experts.down_proj, e)]
+        else:
+            size = mlp.intermediate_size
+            links = [
+                (mlp.gate_proj.weight, experts.gate_up_proj, (e, slice(0, size))),
+                (mlp.up_proj.weight, experts.gate_up_proj, (e, slice(size, 2 * size))),
+                (mlp.down_proj.weight, experts.down_proj, e),
+            ]
+        with torch.no_grad():
+            for target, source, index in links:
+                target.copy_(source[index])
+        mlps.append(mlp)
+        pairs.append(links)
+    return mlps, pairs
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "bmm"])
+@pytest.mark.parametrize("model_type", ["gpt_neox", "phi3", "gemma", "qwen2"])
+def test_distinct_experts_match_the_family_mlp_weighted_by_the_router(model_type, backend):
+    """Each expert is the family's own transformers MLP class holding that expert's weights: the
+    output and every gradient (input, router, each expert weight and bias) match autograd through them.
+    GPT-NeoX: GELU with biases; Phi-3: fused gate/up; Gemma: tanh-GELU gated; Qwen2: SwiGLU."""
     m = model(model_type)
     family = get_family(m)
     dense = family.mlp_modules(m)[0]
-    block = SparseMoeBlock.from_dense(dense, family.mlp_kind, num_experts=4, top_k=2, noise=0.3)
-    x = torch.randn(37, 64)
-    _, weights, indices = block.gate(x)
-    expected = torch.zeros_like(x)
-    experts = block.experts
-    for e in range(4):
-        mlp = copy.deepcopy(dense)
-        with torch.no_grad():
-            if family.mlp_kind == "gelu":
-                mlp.dense_h_to_4h.weight.copy_(experts.up_proj[e])
-                mlp.dense_h_to_4h.bias.copy_(experts.up_proj_bias[e])
-                mlp.dense_4h_to_h.weight.copy_(experts.down_proj[e])
-                mlp.dense_4h_to_h.bias.copy_(experts.down_proj_bias[e])
-            elif family.mlp_kind == "fused_swiglu":
-                mlp.gate_up_proj.weight.copy_(experts.gate_up_proj[e])
-                mlp.down_proj.weight.copy_(experts.down_proj[e])
-            else:
-                mlp.gate_proj.weight.copy_(experts.gate_up_proj[e, : mlp.intermediate_size])
-                mlp.up_proj.weight.copy_(experts.gate_up_proj[e, mlp.intermediate_size :])
-                mlp.down_proj.weight.copy_(experts.down_proj[e])
-            expected += (weights * (indices == e)).sum(-1, keepdim=True) * mlp(x)
+    num_experts = 6  # 29 tokens x top-2: some experts may get no rows, their gradients must be zero
+    block = SparseMoeBlock.from_dense(dense, family.mlp_kind, num_experts=num_experts, top_k=2, noise=0.3)
+    block.experts.backend = backend
+    mlps, pairs = family_expert_mlps(dense, family.mlp_kind, block.experts)
+    router = block.gate.weight.detach().clone().requires_grad_()
+    x = torch.randn(29, 64)
+    grad = torch.randn_like(x)
+
+    ref_x = x.clone().requires_grad_()
+    weights, indices = route(ref_x @ router.t(), 2)
+    expected = sum((weights * (indices == e)).sum(-1, keepdim=True) * mlp(ref_x) for e, mlp in enumerate(mlps))
+    expected.backward(grad)
+
+    inp = x.clone().requires_grad_()
+    out = block(inp[None])[0]
+    out.backward(grad)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inp.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block.gate.weight.grad, router.grad, atol=1e-5, rtol=1e-5)
+    for links in pairs:
+        for target, source, index in links:
+            torch.testing.assert_close(source.grad[index], target.grad, atol=1e-5, rtol=1e-5)
+    # Every expert's weights receive a gradient only from its own tokens.
+    used = set(indices.flatten().tolist())
+    for e in range(num_experts):
+        assert (block.experts.down_proj.grad[e].abs().max() > 0) == (e in used)
+
+
+def test_loop_backend_with_frozen_experts_gives_input_and_router_gradients_only():
+    """LoRA-style training freezes the experts: no expert gradient is made, the rest is unchanged."""
+    llama = model("llama")
+    block = SparseMoeBlock.from_dense(get_family(llama).mlp_modules(llama)[0], "swiglu", 4, 2, noise=0.3)
+    x = torch.randn(1, 50, 64)
+    grad = torch.randn_like(x)
+    grads = {}
+    for backend in ("bmm", "loop"):
+        block.experts.backend = backend
+        block.experts.requires_grad_(False)
+        block.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_()
+        block(inp).backward(grad)
+        assert block.experts.gate_up_proj.grad is None and block.experts.down_proj.grad is None
+        grads[backend] = (inp.grad, block.gate.weight.grad)
+    for ours, reference in zip(grads["loop"], grads["bmm"]):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_choice_and_autocast():
+    x, weight = torch.randn(4, 8), torch.randn(2, 16, 8)
+    assert resolve_backend("auto", x, weight) == "loop"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resolve_backend("auto", x, weight) in ("grouped_mm", "bmm")
+    with pytest.raises(ValueError, match="unknown MoE backend 'fast'"):
+        resolve_backend("fast", x, weight)
+    # Under autocast the block runs (matmuls in bf16) and returns the input's dtype, close to float32.
+    llama = model("llama")
+    block = SparseMoeBlock.from_dense(get_family(llama).mlp_modules(llama)[0], "swiglu", 4, 2, noise=0.3)
+    inp = torch.randn(1, 20, 64)
     with torch.no_grad():
-        torch.testing.assert_close(block(x[None])[0], expected, atol=1e-5, rtol=1e-5)
+        full = block(inp)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = block(inp)
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    torch.testing.assert_close(half, full, atol=0.05 * full.abs().max().item(), rtol=0)
 
 
 def upcycled_with_yarn(model_type, **moe):

@@ -1,21 +1,33 @@
 """Top-k routing and grouped expert dispatch, in plain PyTorch (no transformers import).
 
 Tokens are never looped over in Python. Every (token, expert) assignment is sorted by
-expert, so that the rows of each expert are contiguous; then each projection of all
-experts is one grouped matrix multiply over the sorted rows (``torch.nn.functional.grouped_mm``
-or ``torch._grouped_mm``; a padded ``torch.bmm`` where neither runs on the device), and
-each token's k expert outputs are gathered back next to each other, multiplied by their
-routing weights and summed.
+expert, so that the rows of each expert are contiguous; the experts then run on their slices
+of the sorted rows, and each token's k expert outputs are gathered back next to each other,
+multiplied by their routing weights and summed.
+
+Three ways to run the experts on the sorted rows (``backend``):
+
+- ``loop`` (the default except for bf16 on a recent GPU): one ``torch.mm`` per expert and
+  projection, with a hand-written backward (``_ExpertMLPs``). Every intermediate is held per
+  expert (``[rows of e, I]``) instead of in one ``[T * k, I]`` buffer: on CPU a fresh buffer above
+  glibc's 32 MiB mmap threshold is a fresh mapping, page-faulted in at every allocation (filling a new 8192 x 1536 float32
+  buffer took 13.7 ms against 1.9 ms for a reused one on a 2-core CPU, and 8 experts' 1024 x 1536
+  buffers 1.8 ms), and the autograd version of this dispatch makes several such buffers per step.
+  The backward writes each gradient straight into its slice (no ``cat`` of the gate and up
+  halves) and skips the gradients nobody asked for (frozen experts).
+- ``grouped_mm``: each projection of all experts as one grouped matrix multiply
+  (``torch.nn.functional.grouped_mm`` or ``torch._grouped_mm``), autograd's backward; the
+  default for bf16 on CUDA devices of compute capability 8.0 and newer, where it is one kernel
+  launch per projection instead of one per expert (not timed against ``loop`` on a GPU).
+- ``bmm``: a padded ``torch.bmm`` over ``[E, largest group, K]``; runs anywhere.
+
+Under ``torch.autocast`` the ``auto`` choice avoids ``loop`` (whose preallocated outputs do not
+follow autocast's dtype) and takes ``grouped_mm`` where it runs, else ``bmm``.
 
 The moves between token order and expert order are gathers whose backward is again a gather
 (``_gather_rows``), through the inverse of the sort permutation: autograd's own backward of
 ``index_select`` is an ``index_add`` (a ``scatter_add`` on CPU), which took ~80 ms per call for
 8192 x 512 float32 rows on a 2-core CPU, against ~5 ms for the gather.
-
-On CPU ``torch._grouped_mm`` runs one matmul per expert group; timed against a loop of
-``torch.mm`` over the sorted slices (8192 rows, 8 experts, hidden 512, 2 x 1536 and 1536 -> 512,
-2-core CPU, 2 threads) the two were within run-to-run noise (175/161 ms vs 151/165 ms, and
-62/58 ms vs 69/63 ms), so CPU and CUDA share the one grouped-matmul path.
 
 Expert weights use transformers' layout for MoE experts (Mixtral, Qwen2-MoE): the input
 projection ``[E, N, H]`` (for gated MLPs ``N = 2 I``, the gate rows first, then the up rows),
@@ -30,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-Backend = Literal["auto", "grouped_mm", "bmm"]
+Backend = Literal["auto", "loop", "grouped_mm", "bmm"]
+BACKENDS = ("auto", "loop", "grouped_mm", "bmm")
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -46,29 +59,41 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return weights / weights.sum(dim=-1, keepdim=True), indices
 
 
-def _grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if _GROUPED_MM is None:
-        return False
-    if x.device.type == "cpu":
-        return True
+def _cuda_grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # The CUDA kernels take bf16 on Ampere and newer.
     return (
-        x.device.type == "cuda"
+        _GROUPED_MM is not None
+        and x.device.type == "cuda"
         and x.dtype == weight.dtype == torch.bfloat16
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
     )
 
 
+def resolve_backend(backend: Backend, x: torch.Tensor, weight: torch.Tensor) -> Backend:
+    """The backend ``auto`` stands for on this input (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown MoE backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if _cuda_grouped_mm_runs(x, weight):
+        return "grouped_mm"
+    if torch.is_autocast_enabled(x.device.type):
+        return "grouped_mm" if _GROUPED_MM is not None and x.device.type == "cpu" else "bmm"
+    return "loop"
+
+
 def grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor, backend: Backend = "auto"
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor, backend: Backend
 ) -> torch.Tensor:
     """``y[r] = x[r] @ weight[row_expert[r]].T`` for rows sorted by expert, as one grouped matmul.
 
     x ``[S, K]`` (rows of expert e at ``offsets[e-1]:offsets[e]``), weight ``[E, N, K]``,
     offsets ``[E]`` int32 cumulative row counts, row_expert ``[S]`` the expert of each row
-    (used by the ``bmm`` backend only) -> ``[S, N]``.
+    (used by the ``bmm`` backend only) -> ``[S, N]``. ``backend``: ``grouped_mm`` or ``bmm``.
     """
-    if backend == "grouped_mm" or (backend == "auto" and _grouped_mm_runs(x, weight)):
+    if backend == "grouped_mm":
+        if _GROUPED_MM is None:
+            raise RuntimeError("the grouped_mm MoE backend needs torch.nn.functional.grouped_mm or torch._grouped_mm")
         return _GROUPED_MM(x, weight.transpose(1, 2), offs=offsets)
     # Padded batched matmul: scatter the rows into [E, C, K] with C the largest group.
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
@@ -106,9 +131,23 @@ def experts_forward(
     # order[r] = the (token, slot) assignment t * k + j sorted to row r; inverse[t * k + j] = its row.
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    offsets = torch.bincount(flat_experts, minlength=num_experts).cumsum(0, dtype=torch.int32)
+    counts = torch.bincount(flat_experts, minlength=num_experts)
+    rows = _gather_rows(x, order // top_k, inverse)
+    backend = resolve_backend(backend, x, in_proj)
+    if backend == "loop":
+        out = _ExpertMLPs.apply(rows, in_proj, out_proj, in_bias, out_bias, counts.tolist(), act, gated)
+    else:
+        out = _experts_grouped(rows, in_proj, out_proj, in_bias, out_bias, counts, row_expert, act, gated, backend)
+    per_token = _gather_rows(out, inverse, order).float().view(num_tokens, top_k, -1)  # [T, k, H]
+    # Multiply-then-sum, as Mixtral does: the router gradient is a small difference of nearly equal
+    # expert outputs, and a bmm's other reduction order moved it by 4e-5 from Mixtral's.
+    return (per_token * weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
 
-    hidden = grouped_linear(_gather_rows(x, order // top_k, inverse), in_proj, offsets, row_expert, backend)
+
+def _experts_grouped(rows, in_proj, out_proj, in_bias, out_bias, counts, row_expert, act, gated, backend):
+    """The experts on the sorted rows with one grouped (or padded batched) matmul per projection."""
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    hidden = grouped_linear(rows, in_proj, offsets, row_expert, backend)
     if in_bias is not None:
         hidden = hidden + in_bias.index_select(0, row_expert)
     if gated:
@@ -119,10 +158,110 @@ def experts_forward(
     out = grouped_linear(hidden, out_proj, offsets, row_expert, backend)
     if out_bias is not None:
         out = out + out_bias.index_select(0, row_expert)
-    per_token = _gather_rows(out, inverse, order).float().view(num_tokens, top_k, -1)  # [T, k, H]
-    # Multiply-then-sum, as Mixtral does: the router gradient is a small difference of nearly equal
-    # expert outputs, and a bmm's other reduction order moved it by 4e-5 from Mixtral's.
-    return (per_token * weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
+    return out
+
+
+def _linear_into(out, x, weight, bias):
+    """``out = x @ weight.T (+ bias)`` written into ``out``."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _linear(x, weight, bias):
+    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
+class _ExpertMLPs(torch.autograd.Function):
+    """The ``loop`` backend: the experts' MLPs on their slices of the sorted rows, one ``torch.mm``
+    per expert and projection, intermediates held per expert, hand-written backward.
+
+    forward(rows ``[S, H]`` sorted by expert, in_proj ``[E, N, H]``, out_proj ``[E, H, I]``,
+    in_bias ``[E, N]`` or None, out_bias ``[E, H]`` or None, counts (rows per expert, a list of
+    ints), act, gated) -> ``[S, H]``. The activation's derivative comes from autograd on the
+    saved pre-activation, so any activation module works (SiLU, GELU, tanh-GELU).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, in_proj, out_proj, in_bias, out_bias, counts, act, gated):
+        size = out_proj.shape[2]
+        out = rows.new_empty(rows.shape[0], out_proj.shape[1])
+        saved = []
+        start = 0
+        for e, count in enumerate(counts):
+            stop = start + count
+            if count:
+                x = rows[start:stop]
+                bias = None if in_bias is None else in_bias[e]
+                if gated:
+                    gate = _linear(x, in_proj[e, :size], None if bias is None else bias[:size])
+                    up = _linear(x, in_proj[e, size:], None if bias is None else bias[size:])
+                    hidden = act(gate)
+                    hidden = hidden * up if hidden.data_ptr() == gate.data_ptr() else hidden.mul_(up)
+                    saved += [gate, up, hidden]
+                else:
+                    pre = _linear(x, in_proj[e], bias)
+                    hidden = act(pre)
+                    saved += [pre, hidden]
+                _linear_into(out[start:stop], hidden, out_proj[e], None if out_bias is None else out_bias[e])
+            start = stop
+        ctx.save_for_backward(rows, in_proj, out_proj, *saved)
+        ctx.counts, ctx.act, ctx.gated = counts, act, gated
+        ctx.has_in_bias, ctx.has_out_bias = in_bias is not None, out_bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        rows, in_proj, out_proj, *saved = ctx.saved_tensors
+        need_rows, need_in, need_out, need_in_bias, need_out_bias = ctx.needs_input_grad[:5]
+        gated, size = ctx.gated, out_proj.shape[2]
+        grad_out = grad_out.contiguous()
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        # Every expert's slice is written below (zeros for experts without rows).
+        grad_in = torch.empty_like(in_proj) if need_in else None
+        grad_out_proj = torch.empty_like(out_proj) if need_out else None
+        grad_in_bias = in_proj.new_empty(in_proj.shape[:2]) if need_in_bias else None
+        grad_out_bias = out_proj.new_empty(out_proj.shape[:2]) if need_out_bias else None
+        tensors = iter(saved)
+        start = 0
+        for e, count in enumerate(ctx.counts):
+            stop = start + count
+            if not count:
+                for grad in (grad_in, grad_out_proj, grad_in_bias, grad_out_bias):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            x, dy = rows[start:stop], grad_out[start:stop]
+            pre, up, hidden = (next(tensors), next(tensors), next(tensors)) if gated else (next(tensors), None, next(tensors))
+            if need_out:
+                torch.mm(dy.t(), hidden, out=grad_out_proj[e])
+            if need_out_bias:
+                torch.sum(dy, 0, out=grad_out_bias[e])
+            grad_hidden = dy @ out_proj[e]
+            with torch.enable_grad():
+                leaf = pre.detach().requires_grad_()
+                activated = ctx.act(leaf)
+            if gated:
+                grad_up = grad_hidden * activated.detach()
+                (grad_gate,) = torch.autograd.grad(activated, leaf, grad_hidden.mul_(up))
+                parts = ((grad_gate, slice(0, size)), (grad_up, slice(size, 2 * size)))
+            else:
+                (grad_pre,) = torch.autograd.grad(activated, leaf, grad_hidden)
+                parts = ((grad_pre, slice(None)),)
+            for i, (grad, cols) in enumerate(parts):
+                if need_rows:
+                    if i == 0:
+                        torch.mm(grad, in_proj[e, cols], out=grad_rows[start:stop])
+                    else:
+                        grad_rows[start:stop].addmm_(grad, in_proj[e, cols])
+                if need_in:
+                    torch.mm(grad.t(), x, out=grad_in[e, cols])
+                if need_in_bias:
+                    torch.sum(grad, 0, out=grad_in_bias[e, cols])
+            start = stop
+        return grad_rows, grad_in, grad_out_proj, grad_in_bias, grad_out_bias, None, None, None
 
 
 class _GatherRows(torch.autograd.Function):
