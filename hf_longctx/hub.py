@@ -42,12 +42,16 @@ def _changed_config_values(model: nn.Module) -> dict[str, Any]:
 
 
 def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
-    """Write ``model`` (patched or not) to ``path`` as safetensors + config.json."""
+    """Write ``model`` (patched or not) to ``path`` as safetensors + config.json.
+
+    ``kwargs`` go to transformers' ``save_pretrained``; ``state_dict`` (e.g. the full one gathered
+    from FSDP shards) is written instead of the model's own, also by native exports.
+    """
     path = Path(path)
     target = base_model(model)
     for name in applied_sections(target):
         native_save = technique(name).save
-        if native_save is not None and native_save(model, path):
+        if native_save is not None and native_save(model, path, kwargs.get("state_dict")):
             return path
     native = {}
     for name, params in applied_sections(target).items():

@@ -43,8 +43,10 @@ class Technique:
     check: Callable[[nn.Module, SectionSpec, PatchSpec], None] | None = None  # raise SpecError; never mutate
     order: int = 50  # application order: positions < attention < streaming < moe < memory (wrappers last)
     # Optional native export: write the whole checkpoint in another family's native form (MoE ->
-    # Mixtral) and return True, or return False to let the default writer run.
-    save: Callable[[nn.Module, Path], bool] | None = None
+    # Mixtral) and return True, or return False to let the default writer run. Called as
+    # save(model, path, state_dict) with the state dict to write instead of the model's own
+    # (None: the model's), e.g. the full one gathered from FSDP shards.
+    save: Callable[[nn.Module, Path, dict[str, Any] | None], bool] | None = None
     # Optional native config: the config values that express this section in transformers' own
     # form (written only into the saved config.json), or None when there is none.
     native_config: Callable[[nn.Module, dict[str, Any]], dict[str, Any] | None] | None = None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load, load_file
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -45,6 +46,7 @@ CPU_CONFIG = REPO / "recipes/accelerate/cpu.yaml"
 TINY = REPO / "recipes/configs/tiny.yaml"
 HUB_TOKEN = "hf_fake_hub_token"
 HUB_REPO = "tester/tiny-recipe"
+MOE_PATCH = {"rope": {"type": "yarn", "factor": 4.0}, "moe": {"num_experts": 4, "top_k": 2}}
 
 
 def _doc(length: int, seed: int) -> list[int]:
@@ -282,9 +284,13 @@ def runs():
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
         env.update(HF_HOME=str(tmp / "hf_home"), HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_TOKEN=HUB_TOKEN,
                    HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-        full, resumed, worker = tmp / "full", tmp / "resumed", tmp / "worker"
+        full, resumed, worker, moe = tmp / "full", tmp / "resumed", tmp / "worker", tmp / "moe"
         acceptance = _launch(REPO / "recipes/finetune.py", "--config", str(TINY), "--output_dir", str(full), env=env)
         sharding = _launch(Path(__file__), str(worker), env=env)
+        moe_config = tmp / "tiny-moe.yaml"
+        moe_config.write_text(yaml.safe_dump({**yaml.safe_load(TINY.read_text()), "patch": MOE_PATCH}))
+        moe_run = _launch(REPO / "recipes/finetune.py", "--config", str(moe_config), "--output_dir", str(moe),
+                          "--max_steps", "8", "--save_steps", "100", env=env)
         _finish(acceptance)
         resumed.mkdir()
         subprocess.run(["cp", "-r", str(full / "checkpoint-10"), str(resumed)], check=True)
@@ -292,7 +298,8 @@ def runs():
                          "--resume_from_checkpoint", str(resumed / "checkpoint-10"), env=env)
         _finish(sharding)
         _finish(resume)
-        yield {"full": full, "resumed": resumed, "worker": worker, "hub": hub}
+        _finish(moe_run)
+        yield {"full": full, "resumed": resumed, "worker": worker, "hub": hub, "moe": moe, "moe_config": moe_config}
 
 
 def test_recipe_logs_falling_loss_and_saves_patched_model(runs):
@@ -319,6 +326,33 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(runs):
     assert [step for step, _ in losses[1]] == list(range(1, 21))  # steps 1-10 restored from the checkpoint
     for (_, resumed_loss), (_, loss) in zip(losses[1], losses[0]):
         assert resumed_loss == pytest.approx(loss, abs=1e-6)
+
+
+def test_moe_recipe_under_fsdp_trains_experts_and_router_and_saves_native_mixtral(runs):
+    """An upcycled model (copies, no noise: the experts start identical) fine-tuned with FSDP2 on two
+    processes: the full state dict gathered from the shards is written as a Mixtral checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    log = json.loads((runs["moe"] / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in log if "loss" in entry]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses
+    config = json.loads((runs["moe"] / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 4.0
+    native, info = AutoModelForCausalLM.from_pretrained(runs["moe"], output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weight
+    upcycled = load_model(parse_args(["--config", str(runs["moe_config"])])[0], seed=0)  # hf_longctx's MoE
+    initial = {k: v.clone() for k, v in upcycled.state_dict().items()}
+    trained = native.state_dict()
+    assert set(trained) == set(initial)
+    assert all(not torch.equal(trained[k], initial[k]) for k in initial)  # every weight, router included, trained
+    experts = trained["model.layers.0.mlp.experts.gate_up_proj"]
+    assert torch.equal(initial["model.layers.0.mlp.experts.gate_up_proj"][0], initial["model.layers.0.mlp.experts.gate_up_proj"][1])
+    assert not torch.equal(experts[0], experts[1])  # tokens routed apart made the copies diverge
+    ids = torch.arange(3, 100).view(1, -1)  # past the 64 trained positions: the yarn scaling is in use
+    upcycled.load_state_dict(trained)  # the trained weights in hf_longctx's own MoE model: same logits
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, upcycled.eval()(ids).logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

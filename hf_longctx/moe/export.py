@@ -83,8 +83,12 @@ def native_config(model: nn.Module, section: MoESpec):
     return config_class(**values)
 
 
-def save_native(model: nn.Module, path: Path) -> bool:
-    """The ``moe`` technique's save hook: write the native MoE checkpoint and return True, or return False."""
+def save_native(model: nn.Module, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> bool:
+    """The ``moe`` technique's save hook: write the native MoE checkpoint and return True, or return False.
+
+    ``state_dict``: the weights to write (keys of ``model.state_dict()``), e.g. the full state dict
+    gathered from FSDP shards on the main process; None takes the model's own.
+    """
     target = base_model(model)
     sections = applied_sections(model)
     family = get_family(target)
@@ -104,10 +108,11 @@ def save_native(model: nn.Module, path: Path) -> bool:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # the zero-width shared expert
         native = AutoModelForCausalLM.from_config(config)
-    state = {k: v.detach() for k, v in target.state_dict().items()}
+    state = {k: v.detach() for k, v in (target.state_dict() if state_dict is None else state_dict).items()}
+    device = next(iter(state.values())).device
     for name, param in native.named_parameters():
         if ".shared_expert" in name:  # zero-width shared expert (Qwen2-MoE), its gate at zero
-            state[name] = torch.zeros(param.shape, dtype=param.dtype, device=target.device)
+            state[name] = torch.zeros(param.shape, dtype=param.dtype, device=device)
     missing, unexpected = (set(native.state_dict()) - set(state)), (set(state) - set(native.state_dict()))
     if missing or unexpected:
         logger.info(
@@ -117,5 +122,6 @@ def save_native(model: nn.Module, path: Path) -> bool:
         return False
     native.load_state_dict(state, assign=True, strict=True)
     native.save_pretrained(path, safe_serialization=True)
-    logger.info("saved %s as a native %s checkpoint in %s", type(target).__name__, type(native).__name__, path)
+    name = type(target).__name__.removeprefix("FSDP")  # FSDP2 subclasses the model it wraps
+    logger.info("saved %s as a native %s checkpoint in %s", name, type(native).__name__, path)
     return True
