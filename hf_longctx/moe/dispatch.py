@@ -208,7 +208,6 @@ class _ExpertMLPs(torch.autograd.Function):
             start = stop
         ctx.save_for_backward(rows, in_proj, out_proj, *saved)
         ctx.counts, ctx.act, ctx.gated = counts, act, gated
-        ctx.has_in_bias, ctx.has_out_bias = in_bias is not None, out_bias is not None
         return out
 
     @staticmethod
