@@ -36,14 +36,14 @@ the output projection ``[E, H, I]``.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 Backend = Literal["auto", "loop", "grouped_mm", "bmm"]
-BACKENDS = ("auto", "loop", "grouped_mm", "bmm")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -161,16 +161,9 @@ def _experts_grouped(rows, in_proj, out_proj, in_bias, out_bias, counts, row_exp
     return out
 
 
-def _linear_into(out, x, weight, bias):
-    """``out = x @ weight.T (+ bias)`` written into ``out``."""
-    if bias is None:
-        torch.mm(x, weight.t(), out=out)
-    else:
-        torch.addmm(bias, x, weight.t(), out=out)
-
-
-def _linear(x, weight, bias):
-    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+def _linear(x, weight, bias, out=None):
+    """``x @ weight.T (+ bias)``, written into ``out`` when given."""
+    return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
 
 
 class _ExpertMLPs(torch.autograd.Function):
@@ -204,7 +197,7 @@ class _ExpertMLPs(torch.autograd.Function):
                     pre = _linear(x, in_proj[e], bias)
                     hidden = act(pre)
                     saved += [pre, hidden]
-                _linear_into(out[start:stop], hidden, out_proj[e], None if out_bias is None else out_bias[e])
+                _linear(hidden, out_proj[e], None if out_bias is None else out_bias[e], out=out[start:stop])
             start = stop
         ctx.save_for_backward(rows, in_proj, out_proj, *saved)
         ctx.counts, ctx.act, ctx.gated = counts, act, gated
