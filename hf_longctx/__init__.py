@@ -5,9 +5,8 @@ Public API (see README.md): ``patch``, ``unpatch``, ``load_spec``, ``list_preset
 ``flash_attention``, ``RecurrentMemoryModel``, ``upcycle_moe``.
 """
 
-import importlib
-
 from . import attention, memory, moe, positions, streaming  # noqa: F401  (each registers its technique)
+from ._lazy import lazy_getattr as _lazy_getattr
 from .config_base import SpecError
 from .families import FAMILIES, supported_model_types
 from .hub import from_pretrained, model_card, push_to_hub, save_pretrained
@@ -24,13 +23,7 @@ _LAZY = {
     "upcycle_moe": "hf_longctx.moe",
 }
 
-
-def __getattr__(name):
-    if name in ("evaluation", "training", "kernels"):
-        return importlib.import_module(f"hf_longctx.{name}")
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'hf_longctx' has no attribute '{name}'")
+__getattr__ = _lazy_getattr(__name__, _LAZY, submodules=("evaluation", "training", "kernels"))
 
 
 __all__ = [

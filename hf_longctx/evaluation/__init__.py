@@ -1,7 +1,6 @@
 """Evaluation: perplexity vs context length, passkey retrieval, streaming perplexity, tables and plots."""
 
-import importlib
-
+from .._lazy import lazy_getattr as _lazy_getattr
 from .passkey import PasskeyPoint, greedy_matches, min_passkey_length, passkey_accuracy, passkey_keys, passkey_prompt
 from .perplexity import PerplexityPoint, perplexity_vs_length, score_last_tokens, window_ends
 from .report import format_length, markdown_table, plot_lines, plot_passkey, write_json
@@ -9,11 +8,7 @@ from .report import format_length, markdown_table, plot_lines, plot_passkey, wri
 # Streaming perplexity lives with the streaming cache it measures; imported on first use.
 _LAZY = {"streaming_perplexity": "hf_longctx.evaluation.streaming"}
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'hf_longctx.evaluation' has no attribute '{name}'")
+__getattr__ = _lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
