@@ -16,7 +16,6 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +74,6 @@ def load_tokenizer(name: str, model):
     return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
 
 
-def _spec_argument(args) -> Any:
-    from . import load_spec
-
-    return load_spec(args.spec if args.spec else args.preset)
-
-
 def cmd_presets(args) -> None:
     from . import list_presets
 
@@ -91,17 +84,17 @@ def cmd_presets(args) -> None:
 
 
 def cmd_patch(args) -> None:
-    from . import patch, push_to_hub, save_pretrained
+    from . import load_spec, patch, push_to_hub, save_pretrained
 
-    spec = _spec_argument(args)  # validated before the model is loaded
+    spec = load_spec(args.spec or args.preset)  # validated before the model is loaded
     model = patch(load_model(args.model), spec)
     out = save_pretrained(model, args.out)
     tokenizer = load_tokenizer(args.model, model)
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(out)
+    shipped = tokenizer if hasattr(tokenizer, "save_pretrained") else None  # not the bytes fallback
+    if shipped is not None:
+        shipped.save_pretrained(out)
     print(f"Wrote {out} ({', '.join(spec.sections())})")
     if args.push_to_hub:
-        shipped = tokenizer if hasattr(tokenizer, "save_pretrained") else None
         print(f"Pushed: {push_to_hub(model, args.push_to_hub, tokenizer=shipped)}")
 
 

@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 from . import from_pretrained, patch, save_pretrained
 from .evaluation import markdown_table, perplexity_vs_length, plot_lines, write_json
-from .patching import technique
 
 logger = logging.getLogger(__name__)
 
@@ -277,14 +276,6 @@ def _cached(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
     return model
 
 
-def _technique_available(section: str) -> bool:
-    try:
-        technique(section)
-    except KeyError:
-        return False
-    return True
-
-
 def demo_models(settings: DemoSettings, train_files: list[Path]) -> dict[str, Callable[[], nn.Module]]:
     """Method name -> a function giving the model to evaluate (trained or loaded from the cache)."""
     folder = cache_root() / f"demo-{settings.cache_key(BASE_FIELDS)}"
@@ -327,13 +318,10 @@ def demo_models(settings: DemoSettings, train_files: list[Path]) -> dict[str, Ca
         "yarn": patched({"rope": {"type": "yarn", "factor": float(top)}}),
     }
     window = settings.trained_length
-    if _technique_available("attention"):
-        methods[f"window {window}"] = patched({"attention": {"sliding_window": window}})
-        methods[f"window {window} + {settings.sink_tokens} sinks"] = patched(
-            {"attention": {"sliding_window": window, "sink_tokens": settings.sink_tokens}}
-        )
-    else:
-        tqdm.write("sliding window rows skipped: the 'attention' technique is not available in this installation")
+    methods[f"window {window}"] = patched({"attention": {"sliding_window": window}})
+    methods[f"window {window} + {settings.sink_tokens} sinks"] = patched(
+        {"attention": {"sliding_window": window, "sink_tokens": settings.sink_tokens}}
+    )
     methods[f"rope fine-tuned {ft}x"] = finetuned("rope", None)
     methods[f"yarn {ft}x fine-tuned {ft}x"] = finetuned("yarn", {"rope": {"type": "yarn", "factor": float(ft)}})
     return methods

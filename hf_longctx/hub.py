@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .memory.config import MemorySpec
 from .patching import STATE_ATTR, applied_sections, base_model, patch, technique
 
 logger = logging.getLogger(__name__)
@@ -178,8 +179,8 @@ def model_card(
     lines += ["---", "", f"# {type(target).__name__} patched with hf_longctx", ""]
     lines += [f"- **Base model:** `{base}`", f"- **Context length (max_position_embeddings):** {config.max_position_embeddings}"]
     if "memory" in sections:
-        lines.append("- **Input length:** unbounded: segments of "
-                     f"{sections['memory'].get('segment_length', 512)} tokens linked by recurrent memory tokens")
+        segment_length = MemorySpec.from_dict(sections["memory"]).segment_length
+        lines.append(f"- **Input length:** unbounded: segments of {segment_length} tokens linked by recurrent memory tokens")
     if "streaming" in sections:
         lines.append("- **Input length:** unbounded stream; the KV cache keeps the attention sinks and a recent window")
     lines += ["", "## Applied patches", ""]

@@ -27,3 +27,20 @@ def tokens(batch: int = 1, length: int = 48, vocab: int = 128, seed: int = 1) ->
     """Random token ids that avoid the special ids 0-2 of the tiny configs."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=generator)
+
+
+def snapshot(model, x):
+    """(logits on x, config dict, cloned state dict): what ``assert_same`` compares against."""
+    with torch.no_grad():
+        logits = model(x).logits
+    return logits, model.config.to_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(model, x, snap):
+    """The model gives bit-identical logits and has the config and weights of ``snap``."""
+    logits, config, state = snap
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, logits)
+    assert model.config.to_dict() == config
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -2,27 +2,12 @@
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, tokens
+from conftest import ALL_FAMILIES, assert_same, snapshot, tokens
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import hf_longctx as hl
 from hf_longctx import patching
 from hf_longctx.testing import tiny_model
-
-
-def snapshot(model, x):
-    with torch.no_grad():
-        logits = model(x).logits
-    return logits, model.config.to_dict(), {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_same(model, x, snap):
-    logits, config, state = snap
-    with torch.no_grad():
-        assert torch.equal(model(x).logits, logits)
-    assert model.config.to_dict() == config
-    assert set(model.state_dict()) == set(state)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("model_type", ALL_FAMILIES)

@@ -1,8 +1,7 @@
 """Spec loading and validation: presets, YAML, dicts, and a table of rejected specs."""
 
 import pytest
-import torch
-from conftest import tokens
+from conftest import assert_same, snapshot, tokens
 
 import hf_longctx as hl
 from hf_longctx.testing import tiny_model
@@ -42,15 +41,10 @@ def test_bad_spec_is_rejected_with_a_message_naming_it(spec, message):
 def test_rejected_spec_leaves_the_model_bit_identical(spec, message):
     model = tiny_model("llama")
     x = tokens()
-    before_state = {k: v.clone() for k, v in model.state_dict().items()}
-    before_config = model.config.to_dict()
-    with torch.no_grad():
-        before = model(x).logits
-        with pytest.raises(hl.SpecError):
-            hl.patch(model, spec)
-        assert torch.equal(model(x).logits, before)
-    assert model.config.to_dict() == before_config
-    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
+    snap = snapshot(model, x)
+    with pytest.raises(hl.SpecError):
+        hl.patch(model, spec)
+    assert_same(model, x, snap)
 
 
 def test_every_preset_loads_and_has_a_description():

@@ -86,11 +86,11 @@ def _expert_rows(dense: DenseMLP, num_experts: int) -> torch.Tensor:
 class MoEExperts(nn.Module):
     """``E`` expert MLPs stored as 3D tensors; forward = grouped dispatch (see ``dispatch.py``)."""
 
-    def __init__(self, in_proj, out_proj, in_bias, out_bias, act: nn.Module, gated: bool, backend: Backend = "auto"):
+    def __init__(self, in_proj, out_proj, in_bias, out_bias, act: nn.Module, gated: bool):
         super().__init__()
         self.gated = gated
         self.num_experts = in_proj.shape[0]
-        self.backend = backend
+        self.backend: Backend = "auto"  # see dispatch.py; set on the instance to force one
         in_name = "gate_up_proj" if gated else "up_proj"
         self.in_name = in_name
         self.register_parameter(in_name, nn.Parameter(in_proj))

@@ -30,12 +30,14 @@ logger = logging.getLogger(__name__)
 def _check(model: nn.Module, section: MoESpec, spec) -> None:
     family = get_family(model)
     num_layers = len(family.layers(model))
-    bad = [i for i in section.layer_indices(num_layers) if i >= num_layers]
+    indices = section.layer_indices(num_layers)
+    bad = [i for i in indices if i >= num_layers]
     if bad:
         raise SpecError(f"'moe.layers' = {section.layers!r} names layer {bad[0]}; this model has layers 0..{num_layers - 1}")
     in_names, out_name, _ = DENSE_LAYOUT[family.mlp_kind]
-    for i in section.layer_indices(num_layers):
-        mlp = family.mlp_modules(model)[i]
+    mlps = family.mlp_modules(model)
+    for i in indices:
+        mlp = mlps[i]
         if not all(isinstance(getattr(mlp, name, None), nn.Linear) for name in (*in_names, out_name)):
             raise SpecError(
                 f"layer {i}'s MLP ({type(mlp).__name__}) is not a dense {family.mlp_kind} MLP with "
