@@ -5,25 +5,28 @@ Public API (see README.md): ``patch``, ``unpatch``, ``load_spec``, ``list_preset
 ``flash_attention``, ``RecurrentMemoryModel``, ``upcycle_moe``.
 """
 
-from . import attention, memory, moe, positions, streaming  # noqa: F401  (each registers its technique)
-from ._lazy import lazy_getattr as _lazy_getattr
+import importlib
+
+from . import attention, positions  # noqa: F401  (each registers its technique)
 from .config_base import SpecError
 from .families import FAMILIES, supported_model_types
 from .hub import from_pretrained, model_card, push_to_hub, save_pretrained
+from .memory import RecurrentMemoryModel
+from .moe import upcycle_moe
 from .patching import applied_sections, patch, unpatch
 from .spec import PatchSpec, list_presets, load_spec
+from .streaming import SinkCache
 
 __version__ = "0.1.0"
 
-# Heavier entry points, imported on first use (the Triton kernels import triton).
-_LAZY = {
-    "flash_attention": "hf_longctx.kernels",
-    "SinkCache": "hf_longctx.streaming",
-    "RecurrentMemoryModel": "hf_longctx.memory",
-    "upcycle_moe": "hf_longctx.moe",
-}
 
-__getattr__ = _lazy_getattr(__name__, _LAZY, submodules=("evaluation", "training", "kernels"))
+def __getattr__(name):
+    # Imported on first use: the Triton kernels import triton; evaluation imports matplotlib.
+    if name in ("evaluation", "training", "kernels"):
+        return importlib.import_module(f"hf_longctx.{name}")
+    if name == "flash_attention":
+        return importlib.import_module("hf_longctx.kernels").flash_attention
+    raise AttributeError(f"module 'hf_longctx' has no attribute '{name}'")
 
 
 __all__ = [

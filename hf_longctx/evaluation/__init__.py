@@ -1,15 +1,9 @@
 """Evaluation: perplexity vs context length, passkey retrieval, streaming perplexity, tables and plots."""
 
-from .._lazy import lazy_getattr as _lazy_getattr
 from .passkey import PasskeyPoint, greedy_matches, min_passkey_length, passkey_accuracy, passkey_keys, passkey_prompt
 from .perplexity import PerplexityPoint, perplexity_vs_length, score_last_tokens, window_ends
 from .report import format_length, markdown_table, plot_lines, plot_passkey, write_json
-
-# Streaming perplexity lives with the streaming cache it measures; imported on first use.
-_LAZY = {"streaming_perplexity": "hf_longctx.evaluation.streaming"}
-
-__getattr__ = _lazy_getattr(__name__, _LAZY)
-
+from .streaming import streaming_perplexity
 
 __all__ = [
     "PasskeyPoint",
