@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from hf_longctx import SinkCache
-from hf_longctx.evaluation.streaming import streaming_perplexity
+from hf_longctx.evaluation.streaming import kept_indices, streaming_perplexity
 from hf_longctx.streaming import streaming_forward
 from hf_longctx.testing import tiny_model
 
@@ -71,11 +71,6 @@ def memory_rows(window: int, sinks: int, multiples: list[int], repeats: int) -> 
     }
 
 
-def kept(t: int, sinks: int, window: int) -> list[int]:
-    """Token indices a step at token ``t`` attends to: the sinks and the last ``window - sinks`` tokens."""
-    return list(range(min(sinks, t + 1))) + list(range(max(sinks, t + 1 - (window - sinks)), t + 1))
-
-
 @torch.no_grad()
 def sinks_ms(model, ids: torch.Tensor, sinks: int, window: int, tokens: int) -> float:
     cache = SinkCache(sinks, window - sinks, model=model)
@@ -91,7 +86,7 @@ def sinks_ms(model, ids: torch.Tensor, sinks: int, window: int, tokens: int) -> 
 def recompute_ms(model, ids: torch.Tensor, sinks: int, window: int, tokens: int) -> float:
     start = time.perf_counter()
     for t in range(window, window + tokens):
-        model(ids[:, kept(t, sinks, window)], logits_to_keep=1)
+        model(ids[:, kept_indices(t, sinks, window - sinks)], logits_to_keep=1)
     return 1000 * (time.perf_counter() - start) / tokens
 
 

@@ -11,20 +11,15 @@ import pytest
 import torch
 from conftest import tokens
 from transformers import AutoModelForCausalLM, DynamicCache
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb, rotate_half
 
 import hf_longctx
 from hf_longctx import SinkCache, SpecError
 from hf_longctx.streaming import SinkCacheLayer
-from hf_longctx.evaluation.streaming import streaming_perplexity
+from hf_longctx.evaluation.streaming import kept_indices, streaming_perplexity
 from hf_longctx.testing import tiny_config, tiny_model
 
 S, W = 4, 12
-
-
-def kept_indices(t: int, sinks: int, window: int) -> list[int]:
-    """StreamingLLM: the first ``sinks`` tokens and the last ``window`` tokens up to ``t`` included."""
-    return sorted(set(range(min(sinks, t + 1))) | set(range(max(0, t + 1 - window), t + 1)))
 
 
 def streamed(model, cache, ids, kwarg="cache"):
@@ -144,11 +139,6 @@ def test_beam_search_and_left_padding_equal_mistral_sliding_window():
 # --- multi-layer with sinks: a reference attention at the StreamingLLM positions -------------------
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def reference_streaming_logits(model, ids, sinks, window):
     """Token by token; each layer keeps every token's un-rotated key and value as computed when the
     token was processed, and attends over the kept tokens with queries and keys rotated at their
@@ -169,8 +159,8 @@ def reference_streaming_logits(model, ids, sinks, window):
             values.append(attn.v_proj(x).view(1, 1, -1, head_dim).transpose(1, 2))
             k = torch.cat([keys[i] for i in kept], dim=2)
             v = torch.cat([values[i] for i in kept], dim=2)
-            q = q * cos[:, None, -1:] + _rotate_half(q) * sin[:, None, -1:]
-            k = (k * cos[:, None] + _rotate_half(k) * sin[:, None]).repeat_interleave(group, dim=1)
+            q = q * cos[:, None, -1:] + rotate_half(q) * sin[:, None, -1:]
+            k = (k * cos[:, None] + rotate_half(k) * sin[:, None]).repeat_interleave(group, dim=1)
             weights = torch.softmax(q @ k.transpose(-1, -2) * head_dim**-0.5, dim=-1)
             out = (weights @ v.repeat_interleave(group, dim=1)).transpose(1, 2).reshape(1, 1, -1)
             hidden = hidden + attn.o_proj(out)
@@ -329,7 +319,7 @@ def exact_rotation(keys, positions, inv_freq):
     angles = positions.double()[:, None] * inv_freq.double()
     cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
     keys = keys.double()
-    return keys * cos + _rotate_half(keys) * sin
+    return keys * cos + rotate_half(keys) * sin
 
 
 def test_long_stream_re_rotation_stays_as_exact_as_float32_rope():

@@ -62,15 +62,17 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _cache_size(cache: Cache | None) -> tuple[int, int]:
-    if cache is None or not cache.layers or not cache.layers[0].is_initialized:
+def _cache_size(cache: Cache) -> tuple[int, int]:
+    if not cache.layers or not cache.layers[0].is_initialized:
         return 0, 0
     tokens = cache.layers[0].keys.shape[-2]
     size = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized)
     return tokens, size
 
 
-def _kept(t: int, sink_tokens: int, window: int) -> list[int]:
+def kept_indices(t: int, sink_tokens: int, window: int) -> list[int]:
+    """StreamingLLM: the token indices a step at token ``t`` sees, the first ``sink_tokens`` and the
+    last ``window`` tokens up to ``t`` included."""
     return sorted(set(range(min(sink_tokens, t + 1))) | set(range(max(0, t + 1 - window), t + 1)))
 
 
@@ -122,8 +124,8 @@ def streaming_perplexity(
     while start < total:
         size = min(chunk, total - start)
         if recompute:
-            context = _kept(start, sink_tokens, window)
-            logits = model(ids[:, context]).logits[:, -1:].float()
+            context = kept_indices(start, sink_tokens, window)
+            logits = model(ids[:, context], logits_to_keep=1).logits.float()
         elif isinstance(cache, SinkCache):
             step = streaming_forward(model, forward, cache, input_ids=ids[:, start : start + size], prefill_chunk=chunk)
             logits = step.logits.float()
@@ -138,7 +140,7 @@ def streaming_perplexity(
             count = pending.pop(0)
             now = time.perf_counter()
             mean = nll[:count].mean().item()
-            cache_tokens, cache_bytes = _cache_size(cache) if cache is not None else (len(_kept(start, sink_tokens, window)), 0)
+            cache_tokens, cache_bytes = _cache_size(cache) if cache is not None else (len(kept_indices(start, sink_tokens, window)), 0)
             result.points.append(
                 StreamingPoint(
                     tokens=count,

@@ -382,13 +382,13 @@ class SinkCache(Cache):
         return None if rotary is None else rotary.inv_freq
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        while len(self.layers) <= layer_idx:
-            self.layers.append(self.layer_class_to_replicate())
         if layer_idx == 0:  # once per forward: the rotary embedding has run and is the same for all layers
             self._step_inv_freq = self._inv_freq()
-        return self.layers[layer_idx].update(
+        # Cache.update creates the layers on first use; the caller's cache kwargs are not needed here.
+        return super().update(
             key_states,
             value_states,
+            layer_idx,
             inv_freq=self._step_inv_freq,
             cache_positions=self.position_frame == "cache",
         )
@@ -396,12 +396,3 @@ class SinkCache(Cache):
     def cached_lengths(self) -> list[int]:
         """Number of key slots currently held by each layer."""
         return [layer.length for layer in self.layers]
-
-    def cache_bytes(self) -> int:
-        """Bytes allocated for the keys and values of all layers (live slots and the spare ones)."""
-        return sum(
-            buffer.numel() * buffer.element_size()
-            for layer in self.layers
-            if layer.is_initialized
-            for buffer in (layer.key_buffer, layer.value_buffer)
-        )
