@@ -6,8 +6,7 @@ re-exported lazily: it imports triton.
 
 import importlib
 
-from . import backend  # noqa: F401  (registers the technique)
-from .backend import SINK_INIT, attention_implementation
+from .backend import SINK_INIT, attention_implementation  # importing backend registers the technique
 from .config import AttentionSpec
 from .functions import window_sink_mask
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+from transformers.masking_utils import find_packed_sequence_indices
 
-from ..positions.alibi import alibi_bias
+from ..positions.alibi import _repeat_kv, alibi_bias
 
 
 def window_sink_mask(base: torch.Tensor, window: int | None, sink_tokens: int) -> torch.Tensor:
@@ -58,16 +59,12 @@ def causal_mask(q_len: int, kv_len: int, device, documents: torch.Tensor | None 
 def packed_documents(position_ids: torch.Tensor | None, batch_size: int, q_len: int, kv_len: int):
     """Document ids ``[B, N]`` of packed rows (DataCollatorWithFlattening), or None when nothing is packed.
 
-    A document starts wherever the position does not follow the previous one, as in
-    transformers' ``find_packed_sequence_indices``. Only rows without cached keys (N == M) can be packed.
+    A document starts wherever the position does not follow the previous one (transformers'
+    ``find_packed_sequence_indices``). Only rows without cached keys (N == M) can be packed.
     """
     if position_ids is None or q_len != kv_len or position_ids.shape[-1] != q_len:
         return None
-    position_ids = position_ids.expand(batch_size, -1)
-    starts = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    if not bool(starts.any()):
-        return None
-    return torch.nn.functional.pad(starts, (1, 0)).cumsum(dim=-1)
+    return find_packed_sequence_indices(position_ids.expand(batch_size, -1))
 
 
 def cu_seqlens_of(documents: torch.Tensor) -> torch.Tensor:
@@ -75,10 +72,6 @@ def cu_seqlens_of(documents: torch.Tensor) -> torch.Tensor:
     starts = torch.nonzero(documents[1:] != documents[:-1]).flatten() + 1
     bounds = [0, *starts.tolist(), documents.shape[0]]
     return torch.tensor(bounds, dtype=torch.int32, device=documents.device)
-
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def dense_attention(query, key, value, mask, *, scaling, dropout, alibi_slopes, sink_logits, use_sdpa):
@@ -99,7 +92,7 @@ def dense_attention(query, key, value, mask, *, scaling, dropout, alibi_slopes, 
     if alibi_slopes is not None:
         bias = alibi_bias(alibi_slopes, q_len, kv_len, query.device)[None].to(query.dtype)  # [1, Hq, N, M]
     if mask.dtype == torch.bool:
-        bias = (bias + torch.zeros(mask.shape, dtype=query.dtype, device=query.device)).masked_fill(~mask, min_value)
+        bias = torch.where(mask, bias, min_value)
     else:
         bias = (bias + mask[..., -kv_len:].to(query.dtype)).clamp(min=min_value)
     if use_sdpa and sink_logits is None:

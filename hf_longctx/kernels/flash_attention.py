@@ -356,10 +356,10 @@ def _strides(**tensors) -> dict:
     return {f"stride_{name}{dim}": t.stride(i) for name, t in tensors.items() for i, dim in enumerate("bhn")}
 
 
-def _flash_forward(q, k, v, alibi_slopes, sink_logits, cu_seqlens, causal, window, sink_tokens, scale):
-    """Returns out `[B, Hq, N, D]` and lse `[B, Hq, N]` (fp32, log2 units)."""
+def _flash_forward(q, k, v, lengths, alibi_slopes, sink_logits, cu_seqlens, causal, window, sink_tokens, scale):
+    """Returns out `[B, Hq, N, D]` and lse `[B, Hq, N]` (fp32, log2 units). lengths: `_lengths(...)`."""
     b, hq, n, _ = q.shape
-    q_lens, k_lens = _lengths(cu_seqlens, n, k.shape[2])
+    q_lens, k_lens = lengths
     cfg = _launch_config(q)["fwd"]
     table = key_block_ranges(q_lens, k_lens, cfg["BLOCK_M"], cfg["BLOCK_N"], causal=causal, window=window,
                              sink_tokens=sink_tokens).to(q.device)
@@ -374,11 +374,11 @@ def _flash_forward(q, k, v, alibi_slopes, sink_logits, cu_seqlens, causal, windo
     return out, lse
 
 
-def _flash_backward(do, q, k, v, out, lse, alibi_slopes, cu_seqlens, causal, window, sink_tokens, scale):
+def _flash_backward(do, q, k, v, out, lse, lengths, alibi_slopes, cu_seqlens, causal, window, sink_tokens, scale):
     """Returns dq, dk, dv (laid out like q, k, v) and delta = rowsum(dO * O) `[B, Hq, N]` fp32."""
     b, hq, n, _ = q.shape
     hkv = k.shape[1]
-    q_lens, k_lens = _lengths(cu_seqlens, n, k.shape[2])
+    q_lens, k_lens = lengths
     cfg = _launch_config(q)
     num_seqs = len(q_lens) if cu_seqlens is not None else b
     delta = (do.float() * out.float()).sum(-1)
@@ -410,8 +410,10 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sink_logits, alibi_slopes, cu_seqlens, causal, window, sink_tokens, scale):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse = _flash_forward(q, k, v, alibi_slopes, sink_logits, cu_seqlens, causal, window, sink_tokens,
-                                  scale)
+        # Host-side sequence lengths (a device-to-host copy of cu_seqlens), shared with the backward.
+        ctx.lengths = _lengths(cu_seqlens, q.shape[2], k.shape[2])
+        out, lse = _flash_forward(q, k, v, ctx.lengths, alibi_slopes, sink_logits, cu_seqlens, causal, window,
+                                  sink_tokens, scale)
         ctx.save_for_backward(q, k, v, out, lse, sink_logits, alibi_slopes, cu_seqlens)
         ctx.options = (causal, window, sink_tokens, scale)
         return out
@@ -420,7 +422,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, out, lse, sink_logits, alibi_slopes, cu_seqlens = ctx.saved_tensors
         do = do if do.stride(-1) == 1 else do.contiguous()
-        dq, dk, dv, delta = _flash_backward(do, q, k, v, out, lse, alibi_slopes, cu_seqlens, *ctx.options)
+        dq, dk, dv, delta = _flash_backward(do, q, k, v, out, lse, ctx.lengths, alibi_slopes, cu_seqlens,
+                                            *ctx.options)
         d_sink = None
         if sink_logits is not None and ctx.needs_input_grad[3]:
             # d sink_h = -sum over rows of p_sink * delta, with p_sink = exp(sink_h - lse).
