@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from test_kernels import _outputs_and_grads
+from test_kernels import _assert_close_to_float64, _outputs_and_grads
 
-from hf_longctx.kernels import flash_attention, flash_attention_reference
+from hf_longctx.kernels import flash_attention
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -50,15 +50,7 @@ def _case(name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_triton_matches_float64_reference(case, dtype):
-    inputs, do, options = _case(case)
-    exact = _outputs_and_grads(flash_attention_reference, inputs, do, options, torch.float64)
-    plain = _outputs_and_grads(flash_attention_reference, inputs, do, options, dtype)
-    ours = _outputs_and_grads(lambda *a, **kw: flash_attention(*a, backend="triton", **kw), inputs, do, options,
-                              dtype)
-    for name, e, p, o in zip(["out", "dq", "dk", "dv", "d_sink_logits"], exact, plain, ours):
-        err_plain = (p.double() - e).abs().max().item()
-        err_ours = (o.double() - e).abs().max().item()
-        assert err_ours <= 2 * err_plain + 1e-6, f"{name}: error {err_ours:.3g} vs plain PyTorch {err_plain:.3g}"
+    _assert_close_to_float64(*_case(case), lambda *a, **kw: flash_attention(*a, backend="triton", **kw), dtype)
 
 
 def test_auto_backend_on_cuda_is_triton():
