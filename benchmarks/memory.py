@@ -49,7 +49,6 @@ def learning_table(steps: int, memory_tokens: int, seed: int) -> str:
     rows = []
     for m in (memory_tokens, 0):
         spec = {"memory": {"memory_tokens": m, "segment_length": task.segment_length, "bptt_depth": None}}
-        torch.manual_seed(seed)
         model = hf_longctx.patch(tiny_model("llama", seed=seed), spec)
         start = time.perf_counter()
         losses = train_memory_task(model, task, steps=steps, seed=seed, desc=f"memory_tokens={m}")

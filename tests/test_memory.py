@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tokens
 
 import hf_longctx
 from hf_longctx import RecurrentMemoryModel, SpecError
@@ -25,7 +26,7 @@ def _memory(model, memory_tokens=3, segment_length=5, bptt_depth=None):
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_no_memory_one_segment_is_the_base_model(model_type):
     base = tiny_model(model_type)
-    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = tokens(2, 12, seed=0)
     mask = torch.ones_like(ids)
     mask[1, -4:] = 0  # right padding: positions of the real tokens are unchanged
     labels = ids.masked_fill(mask == 0, -100)
@@ -46,16 +47,16 @@ def test_segments_match_the_base_model_run_by_hand(model_type):
     """Oracle: the base model called once per segment on [memory | tokens | memory] as inputs_embeds."""
     base = tiny_model(model_type)
     wrapper = _memory(base, memory_tokens=3, segment_length=5)
-    ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(1))
+    ids = tokens(2, 13, seed=1)
     with torch.no_grad():
         out = wrapper(input_ids=ids, labels=ids)
         memory = wrapper.memory[None].expand(2, -1, -1)
         logits = []
         for start in range(0, 13, 5):
-            tokens = base.get_input_embeddings()(ids[:, start : start + 5])
-            run = base(inputs_embeds=torch.cat([memory, tokens, memory], 1), output_hidden_states=True)
-            logits.append(run.logits[:, 3 : 3 + tokens.shape[1]])
-            memory = run.hidden_states[-1][:, 3 + tokens.shape[1] :]
+            embeds = base.get_input_embeddings()(ids[:, start : start + 5])
+            run = base(inputs_embeds=torch.cat([memory, embeds, memory], 1), output_hidden_states=True)
+            logits.append(run.logits[:, 3 : 3 + embeds.shape[1]])
+            memory = run.hidden_states[-1][:, 3 + embeds.shape[1] :]
         logits = torch.cat(logits, 1)
         ref_loss = base.loss_function(logits=logits, labels=ids, vocab_size=base.config.vocab_size)
     torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0)
@@ -65,7 +66,7 @@ def test_segments_match_the_base_model_run_by_hand(model_type):
 
 def test_padding_takes_no_position_and_an_all_padding_segment_keeps_the_memory():
     wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
-    ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    ids = tokens(1, 10, seed=2)
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)  # one whole segment of left padding
     mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones_like(ids)], 1)
     with torch.no_grad():
@@ -107,7 +108,7 @@ def test_truncation_counts_back_from_the_last_segment_with_a_loss():
 def test_generate_across_segment_boundaries_matches_forward(model_type):
     """Cached generation over 4 segment boundaries equals re-running forward on the whole sequence."""
     wrapper = _memory(tiny_model(model_type), memory_tokens=3, segment_length=5)
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    ids = tokens(2, 7, seed=3)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
     generated = wrapper.generate(ids, attention_mask=mask, max_new_tokens=14, eos_token_id=None)
@@ -124,7 +125,7 @@ def test_generate_across_segment_boundaries_matches_forward(model_type):
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_generate_without_memory_in_one_segment_is_transformers_generate(model_type):
     base = tiny_model(model_type)
-    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    ids = tokens(2, 6, seed=4)
     expected = base.generate(ids, max_new_tokens=10, do_sample=False)
     wrapper = hf_longctx.patch(base, {"memory": {"memory_tokens": 0, "segment_length": 32}})
     assert torch.equal(wrapper.generate(ids, max_new_tokens=10, do_sample=False), expected)
@@ -132,7 +133,7 @@ def test_generate_without_memory_in_one_segment_is_transformers_generate(model_t
 
 def test_generate_pads_after_eos_and_rejects_unknown_options():
     wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
-    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    ids = tokens(2, 5, seed=5)
     free = wrapper.generate(ids, max_new_tokens=6, eos_token_id=None)
     eos = free[0, 6].item()  # the second generated token of row 0 becomes the EOS
     out = wrapper.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
@@ -144,7 +145,7 @@ def test_generate_pads_after_eos_and_rejects_unknown_options():
 
 def test_sampling_is_reproducible_with_a_seed():
     wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
-    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(6))
+    ids = tokens(1, 5, seed=6)
     options = dict(max_new_tokens=9, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, eos_token_id=None)
     torch.manual_seed(0)
     first = wrapper.generate(ids, **options)
@@ -156,7 +157,7 @@ def test_sampling_is_reproducible_with_a_seed():
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_save_and_reload_gives_identical_logits(tmp_path, model_type):
     wrapper = _memory(tiny_model(model_type), memory_tokens=3, segment_length=5, bptt_depth=2)
-    ids = torch.randint(3, 128, (2, 17), generator=torch.Generator().manual_seed(7))
+    ids = tokens(2, 17, seed=7)
     with torch.no_grad():
         expected = wrapper(input_ids=ids).logits
     wrapper.save_pretrained(tmp_path)
@@ -183,7 +184,7 @@ def test_lora_on_the_wrapped_model_trains_with_the_memory(tmp_path):
     trainable = {n: p.detach().clone() for n, p in wrapper.named_parameters() if p.requires_grad}
     assert "memory" in trainable and any("lora_" in n for n in trainable)
     assert all("lora_" in n for n in trainable if n != "memory")
-    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(8))
+    ids = tokens(2, 8, seed=8)
     optimizer = torch.optim.SGD([p for p in wrapper.parameters() if p.requires_grad], lr=0.1)
     wrapper(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
@@ -227,7 +228,6 @@ def test_memory_task_is_learned_with_memory_and_not_without(request):
     torch.set_num_threads(1)  # a tiny model gains nothing from threads, and loses much when cores are busy
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     for memory_tokens in (4, 0):
-        torch.manual_seed(0)
         spec = {"memory": {"memory_tokens": memory_tokens, "segment_length": task.segment_length, "bptt_depth": None}}
         wrapper = hf_longctx.patch(tiny_model("llama", seed=0), spec)
         train_memory_task(wrapper, task, seed=0)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tokens
 from safetensors.torch import load, load_file
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -50,7 +51,7 @@ MOE_PATCH = {"rope": {"type": "yarn", "factor": 4.0}, "moe": {"num_experts": 4, 
 
 
 def _doc(length: int, seed: int) -> list[int]:
-    return torch.randint(3, 128, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return tokens(1, length, seed=seed)[0].tolist()
 
 
 # ---------------------------------------------------------------- packing

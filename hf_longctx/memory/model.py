@@ -217,9 +217,10 @@ class RecurrentMemoryModel(nn.Module):
         has_loss = [True] * len(starts)
         if labels is not None:
             # The logit at position i is scored against labels[i + 1]: it belongs to i's segment.
-            scored = torch.zeros(total, dtype=torch.bool, device=labels.device)
-            scored[:-1] = (labels[:, 1:] != -100).any(dim=0)
-            has_loss = [bool(scored[s : s + self.segment_length].any()) for s in starts]
+            # Padded to whole segments, so that one reduction (one device-to-host copy) covers them all.
+            scored = (labels[:, 1:] != -100).any(dim=0)
+            scored = torch.nn.functional.pad(scored, (0, len(starts) * self.segment_length - scored.shape[0]))
+            has_loss = scored.view(len(starts), self.segment_length).any(dim=1).tolist()
         last_loss = max((t for t, flag in enumerate(has_loss) if flag), default=len(starts) - 1)
         detach_upto = -1 if self.bptt_depth is None else last_loss - self.bptt_depth + 1
 

@@ -29,7 +29,7 @@ from transformers import (
 
 from ..hub import from_pretrained, push_to_hub, save_pretrained
 from ..patching import patch
-from .arguments import DataArguments, LoraArguments, ModelArguments
+from .arguments import DataArguments, LoraArguments, ModelArguments, parse_args
 from .data import load_documents, packed_dataset, tokenize_documents
 from .fsdp import check_sharded, enable_cpu_fsdp, fsdp_requested, prepare_cpu_fsdp
 from .loss import use_chunked_loss
@@ -195,8 +195,6 @@ def run(
 
 def main(argv: list[str] | None = None) -> Trainer:
     """Entry point of ``recipes/finetune.py``: parse the config and command line, then :func:`run`."""
-    from .arguments import parse_args
-
     prepare_cpu_fsdp()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     return run(*parse_args(argv))
