@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -31,12 +30,7 @@ import torch.nn.functional as F
 
 from hf_longctx.kernels import flash_attention
 from hf_longctx.kernels.reference import visible
-
-
-def _cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return f"{names[0] if names else platform.processor()} ({len(names)} logical CPUs)"
+from hf_longctx.testing import cpu_name
 
 
 def _load_average() -> str:
@@ -46,7 +40,7 @@ def _load_average() -> str:
 def run_cpu(repeats: int) -> str:
     heads, d, window = 8, 64, 512
     load_before = _load_average()
-    lines = [f"CPU: {_cpu_name()}, torch {torch.__version__}, torch threads: {torch.get_num_threads()}; fp32, B=1, "
+    lines = [f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, torch threads: {torch.get_num_threads()}; fp32, B=1, "
              f"H={heads}, D={d}, causal, W={window}, forward; median of {repeats} alternating repeats.", "",
              "| N | SDPA dense mask (ms) | blocked (ms) | speed-up | max abs diff |", "|---|---|---|---|---|"]
     for n in (4096, 8192, 16384):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -23,13 +24,7 @@ import torch
 from tqdm import tqdm
 
 import hf_longctx
-from hf_longctx.testing import tiny_model
-
-
-def _cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return f"{names[0] if names else 'unknown CPU'} ({len(names)} logical CPUs)"
+from hf_longctx.testing import cpu_name, tiny_model
 
 
 def main() -> None:
@@ -65,7 +60,7 @@ def main() -> None:
         rows.append((n, med))
 
     names = list(models)
-    lines = [f"Machine: {_cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); fp32, B=1, W=512, S=4, 2 layers, 8x64 heads; "
+    lines = [f"Machine: {cpu_name()} ({os.cpu_count()} logical CPUs); torch {torch.__version__}, {torch.get_num_threads()} thread(s); fp32, B=1, W=512, S=4, 2 layers, 8x64 heads; "
              f"median of {args.repeats} forwards (seconds).", "",
              "| N | " + " | ".join(names) + " | sdpa-mask / auto |",
              "|---|" + "---|" * (len(names) + 1)]

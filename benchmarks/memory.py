@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,17 +30,11 @@ from tqdm.auto import tqdm
 
 import hf_longctx
 from hf_longctx.memory.task import PasskeyTask, evaluate_memory_task, train_memory_task
-from hf_longctx.testing import tiny_model
+from hf_longctx.testing import cpu_name, tiny_model
 
 def machine() -> str:
     """CPU model name, core count and torch threads."""
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-            break
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def learning_table(steps: int, memory_tokens: int, seed: int) -> str:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -27,7 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from hf_longctx.moe.dispatch import resolve_backend
 from hf_longctx.moe.layer import SparseMoeBlock
-from hf_longctx.testing import mixtral_block
+from hf_longctx.testing import cpu_name, mixtral_block
 
 
 def fwd_bwd_times(modules: dict[str, torch.nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int, device):
@@ -47,14 +45,6 @@ def fwd_bwd_times(modules: dict[str, torch.nn.Module], x: torch.Tensor, grad: to
             if step:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def run(device: torch.device, args) -> list[tuple[str, float]]:

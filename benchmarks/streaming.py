@@ -22,7 +22,6 @@ Prints markdown tables of medians over the repeats.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -33,7 +32,7 @@ from transformers import DynamicCache
 from hf_longctx import SinkCache
 from hf_longctx.evaluation.streaming import kept_indices, streaming_perplexity
 from hf_longctx.streaming import streaming_forward
-from hf_longctx.testing import tiny_model
+from hf_longctx.testing import cpu_name, tiny_model
 
 CONFIGS = {
     "tiny": {},
@@ -116,7 +115,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    machine = platform.processor() or platform.machine()
+    machine = cpu_name()
     mib = 2**20
 
     memory = memory_rows(args.memory_window, args.sinks, args.multiples, args.repeats)

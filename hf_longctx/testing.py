@@ -1,10 +1,12 @@
 """Tiny random models of every supported family, built from configs (no downloads).
 
-Used by the tests, the benchmarks and the demo.
+Used by the tests, the benchmarks and the demo; ``cpu_name`` labels the benchmarks' tables.
 """
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,3 +76,12 @@ def mixtral_block(moe, implementation: str = "eager"):
         block.experts.gate_up_proj.copy_(experts.gate_up_proj)
         block.experts.down_proj.copy_(experts.down_proj)
     return block
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what ``platform`` knows)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
