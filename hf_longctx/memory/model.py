@@ -186,9 +186,7 @@ class RecurrentMemoryModel(nn.Module):
             hidden=True,
         )
         written = out.hidden_states[-1][:, m + length :]
-        if mask is not None:  # a segment that is all padding for a sample keeps that sample's memory
-            written = torch.where(mask.any(dim=1)[:, None, None], written, memory)
-        return out.logits, written
+        return out.logits, written if mask is None else _keep_memory_of_empty(written, memory, mask)
 
     def forward(
         self,
@@ -301,6 +299,12 @@ class RecurrentMemoryModel(nn.Module):
         return sequences
 
 
+def _keep_memory_of_empty(written: torch.Tensor, memory: torch.Tensor, segment_mask: torch.Tensor) -> torch.Tensor:
+    """The new memory ``[B, M, H]``: a sample whose segment is all padding (``segment_mask`` ``[B, l]``)
+    keeps its previous memory."""
+    return torch.where(segment_mask.any(dim=1)[:, None, None], written, memory)
+
+
 class _SegmentDecoder:
     """Incremental segment state for :meth:`RecurrentMemoryModel.generate`.
 
@@ -347,11 +351,10 @@ class _SegmentDecoder:
         """Run the write slots of the full segment; their last hidden states become the memory."""
         m = self.memory.shape[1]
         if m:
-            ones = self.mask.new_ones(self.mask.shape[0], m)
-            segment_has_tokens = self.mask[:, m:].any(dim=1)
-            self.mask = torch.cat([self.mask, ones], dim=1)
+            segment_mask = self.mask[:, m:]
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], m)], dim=1)
             written = self._step(self.memory, hidden=True).hidden_states[-1]
-            self.memory = torch.where(segment_has_tokens[:, None, None], written, self.memory)
+            self.memory = _keep_memory_of_empty(written, self.memory, segment_mask)
         self._open()
 
 
