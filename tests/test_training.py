@@ -202,6 +202,14 @@ def test_parse_args_rejects_unknown_config_key(tmp_path):
         parse_args(["--config", str(config)])
 
 
+def test_parse_args_rejects_push_of_an_unmerged_lora_run(tmp_path):
+    """The push uploads the merged model; an unmerged LoRA run has none, so it fails before training."""
+    argv = ["--config", str(TINY), "--output_dir", str(tmp_path), "--lora", "true", "--push_to_hub", "true"]
+    assert parse_args(argv)[3].push_to_hub  # merged (the default): accepted
+    with pytest.raises(ValueError, match="needs merge_lora: true"):
+        parse_args([*argv, "--merge_lora", "false"])
+
+
 def test_every_recipe_config_parses_and_names_its_launch_command():
     for path in sorted((REPO / "recipes/configs").glob("*.yaml")):
         first = path.read_text().splitlines()[0]

@@ -150,4 +150,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     model_args, data_args, lora_args, training_args, _ = parser.parse_args_into_dataclasses(
         args=config_to_argv(config) + rest
     )
+    if training_args.push_to_hub and lora_args.lora and not lora_args.merge_lora:
+        raise ValueError(
+            "push_to_hub uploads the patched model with the adapters merged into it: with lora: true it needs "
+            "merge_lora: true (without it only the adapter is written, to output_dir/adapter)"
+        )
     return model_args, data_args, lora_args, training_args
