@@ -73,6 +73,9 @@ FAMILIES: dict[str, Family] = {
         # Phi3Config accepts only rope_type default/longrope (it rewrites "yarn" to "longrope").
         Family("phi3", mlp_kind="fused_swiglu", native_sliding_window="config", rope_types=("ntk", "longrope")),
         Family("gemma"),
+        Family("gemma2", native_sliding_window="layer_types"),
+        Family("granite"),
+        Family("cohere"),
         Family("gpt_neox", base_attr="gpt_neox", attention_attr="attention", mlp_kind="gelu"),
     )
 }
