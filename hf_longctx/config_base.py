@@ -18,6 +18,10 @@ class SpecError(ValueError):
     """A patch spec is invalid, or cannot be applied to this model. Raised before anything is touched."""
 
 
+# section name -> its dataclass, in registration order; filled by hf_longctx.patching.register_technique
+SECTION_CLASSES: dict[str, type["SectionSpec"]] = {}
+
+
 def spec_field(default: Any = None, help: str = "", **kwargs):
     """A dataclass field with a ``help`` text (peft style); lists/dicts get a default factory."""
     if isinstance(default, (list, dict)):
@@ -65,6 +69,8 @@ class SectionSpec:
     """Mixin for the dataclass of one spec section (``rope``, ``attention``, ...)."""
 
     section: ClassVar[str] = ""
+    # other section -> why the two cannot be applied to one model (checked in both directions)
+    conflicts: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def from_dict(cls, data: Any) -> "SectionSpec":

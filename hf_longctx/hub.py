@@ -22,8 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .memory.config import MemorySpec
-from .patching import STATE_ATTR, applied_sections, base_model, patch, technique
+from .patching import applied_sections, base_model, config_before_patches, patch, technique
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +33,9 @@ _VOLATILE_KEYS = {"hf_longctx", "hf_longctx_base", "_attn_implementation_interna
 
 def _changed_config_values(model: nn.Module) -> dict[str, Any]:
     """Config values that patches changed, as they were before the first patch."""
-    state = getattr(model, STATE_ATTR, None)
-    if state is None:
+    before, now = config_before_patches(model), model.config.__dict__
+    if before is None:
         return {}
-    before, now = state.config_snapshot, model.config.__dict__
     keys = (set(before) | set(now)) - _VOLATILE_KEYS
     return {k: before.get(k) for k in sorted(keys) if before.get(k) != now.get(k)}
 
@@ -58,7 +56,7 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
     for name, params in applied_sections(target).items():
         hook = technique(name).native_config
         native.update((hook(target, params) if hook is not None else None) or {})
-    snapshot = getattr(target, STATE_ATTR).config_snapshot if native else {}
+    snapshot = config_before_patches(target) if native else {}
     base_values = {**{k: snapshot.get(k) for k in native}, **_changed_config_values(target)}
     in_memory = {k: target.config.__dict__.get(k) for k in native}
     target.config.__dict__.update(native, hf_longctx_base=base_values)
@@ -178,11 +176,9 @@ def model_card(
         lines.append(f"base_model: {base}")
     lines += ["---", "", f"# {type(target).__name__} patched with hf_longctx", ""]
     lines += [f"- **Base model:** `{base}`", f"- **Context length (max_position_embeddings):** {config.max_position_embeddings}"]
-    if "memory" in sections:
-        segment_length = MemorySpec.from_dict(sections["memory"]).segment_length
-        lines.append(f"- **Input length:** unbounded: segments of {segment_length} tokens linked by recurrent memory tokens")
-    if "streaming" in sections:
-        lines.append("- **Input length:** unbounded stream; the KV cache keeps the attention sinks and a recent window")
+    for name, params in sections.items():
+        card = technique(name).card
+        lines += card(params) if card is not None else []
     lines += ["", "## Applied patches", ""]
     if not sections:
         lines.append("None.")

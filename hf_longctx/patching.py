@@ -1,15 +1,42 @@
-"""patch / unpatch: validate a spec, dispatch each section to its technique, record, undo.
+"""patch / unpatch: validate a spec, apply its sections, own the model's call path, undo.
 
-A technique registers itself here (``register_technique``) with the spec section it owns,
-a ``check`` that validates the section against a model without touching it, and an
-``apply`` that changes the model and returns how to undo the change. This module knows no
-technique by name: it validates everything first, applies in order, rolls back on any
-failure, and keeps what ``unpatch`` needs to put the model back bit for bit.
+Techniques. Each technique registers itself (:func:`register_technique`) with the spec
+section it owns, the dataclass of that section, a ``check`` that validates the section
+against a model without touching it, an ``apply`` that changes the model and says how to
+undo it, and a unique ``order``. This module knows no technique by name: it validates
+everything first, applies in order, rolls back on any failure, and keeps what ``unpatch``
+needs to put the model back bit for bit.
+
+The call path. No technique assigns ``forward`` or ``generate`` itself. ``apply`` returns
+:class:`Wrap` contributions (a module, a method name, and a wrapper ``inner -> outer`` with
+the same call signature); this module keeps one chain per (module, method), installs it on
+the instance with the first contribution and removes it with the last. Wrappers nest by
+their technique's order, the lowest innermost, so the call path is the same whatever order
+``patch()`` calls came in::
+
+    order  section    contributes
+    -----  ---------  ------------------------------------------------------------------------
+      10   rope       rebuilt rotary embedding (no wrapper)
+      15   alibi      identity rotary + bias through the attention interface (no wrapper)
+      20   attention  attention + mask functions (AttentionInterface), sink parameters
+      30   loss       model.forward: with labels, the chunked loss of the decoder's hidden states;
+                      output head forward: (hidden, labels) -> loss, so FSDP hooks run on the head
+      40   moe        model.forward: router losses added to the loss, router logits in the output
+      50   streaming  model.forward: a SinkCache feeds the input in the cache position frame;
+                      model.generate: a SinkCache unless a cache is given
+      90   memory     wraps the model in a RecurrentMemoryModel (returned by patch)
+
+    model(ids, labels=y)  ->  streaming( moe( loss( <class forward> ) ) )(ids, labels=y)
+
+``unpatch`` removes every contribution and undoes the sections in reverse order of
+application; the model is left without any instance attribute of hf_longctx.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,31 +44,48 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
-from .config_base import SectionSpec, SpecError
+from .config_base import SECTION_CLASSES, SectionSpec, SpecError
 from .families import get_family
 
-if TYPE_CHECKING:  # spec.py imports every technique's config, whose packages import this module
+if TYPE_CHECKING:  # spec.py needs no technique, but keep the import graph one-way at run time
     from .spec import PatchSpec, SpecLike
 
 logger = logging.getLogger(__name__)
 
 STATE_ATTR = "_hf_longctx_state"
 
+Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]  # inner callable -> outer callable, same signature
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Wrap:
+    """One contribution to a call path: ``owner.method`` becomes ``wrapper(<the inner call>)``."""
+
+    owner: nn.Module  # the causal LM, or one of its modules (the output head)
+    method: str  # "forward" or "generate"
+    wrapper: Wrapper
+
 
 @dataclass
 class Applied:
-    """What applying one section did: how to undo it, and the model to hand back if it wraps."""
+    """What applying one section did: its undo, its call-path contributions, the model to hand back if it wraps."""
 
-    undo: Callable[[], None]
+    undo: Callable[[], None] = _nothing
+    wraps: tuple[Wrap, ...] = ()
     model: nn.Module | None = None  # a wrapper (RecurrentMemoryModel) that replaces the model for the caller
 
 
-@dataclass
+@dataclass(frozen=True)
 class Technique:
     section: str  # the spec section this technique owns
+    spec_class: type[SectionSpec]  # the dataclass of that section
     apply: Callable[[nn.Module, SectionSpec, PatchSpec], Applied]
+    order: int  # unique; application order and nesting of the call-path wrappers (see the module docstring)
     check: Callable[[nn.Module, SectionSpec, PatchSpec], None] | None = None  # raise SpecError; never mutate
-    order: int = 50  # application order: positions < attention < streaming < moe < memory (wrappers last)
     # Optional native export: write the whole checkpoint in another family's native form (MoE ->
     # Mixtral) and return True, or return False to let the default writer run. Called as
     # save(model, path, state_dict) with the state dict to write instead of the model's own
@@ -50,24 +94,92 @@ class Technique:
     # Optional native config: the config values that express this section in transformers' own
     # form (written only into the saved config.json), or None when there is none.
     native_config: Callable[[nn.Module, dict[str, Any]], dict[str, Any] | None] | None = None
-
-
-def technique(section: str) -> Technique:
-    return _TECHNIQUES[section]
-
-
-@dataclass
-class _PatchState:
-    config_snapshot: dict[str, Any]  # the config as it was before the first patch
-    applied: list[tuple[str, Applied]] = field(default_factory=list)
+    # Optional model-card lines describing the applied section (its parameters as recorded).
+    card: Callable[[dict[str, Any]], list[str]] | None = None
 
 
 _TECHNIQUES: dict[str, Technique] = {}
 
 
 def register_technique(technique: Technique) -> Technique:
+    """Make a technique (and its spec section) known; its section name and order must be new."""
+    if technique.section in _TECHNIQUES:
+        raise ValueError(f"a technique for section '{technique.section}' is already registered")
+    taken = {t.order: t.section for t in _TECHNIQUES.values()}
+    if technique.order in taken:
+        raise ValueError(f"order {technique.order} of '{technique.section}' is taken by '{taken[technique.order]}'")
+    if technique.spec_class.section != technique.section:
+        raise ValueError(f"{technique.spec_class.__name__} is the section '{technique.spec_class.section}', "
+                         f"not '{technique.section}'")
     _TECHNIQUES[technique.section] = technique
+    ordered = sorted(_TECHNIQUES.values(), key=lambda t: t.order)
+    SECTION_CLASSES.clear()
+    SECTION_CLASSES.update((t.section, t.spec_class) for t in ordered)
     return technique
+
+
+def technique(section: str) -> Technique:
+    return _TECHNIQUES[section]
+
+
+class _CallChain:
+    """The instance-level replacement of ``owner.method``: the wrappers, by order, around the original."""
+
+    def __init__(self, owner: nn.Module, method: str):
+        self.owner, self.method = owner, method
+        self.saved = owner.__dict__.get(method)  # an instance attribute the user had set, put back at the end
+        self.original = getattr(owner, method)
+        self.wrappers: list[tuple[int, Wrapper]] = []
+        self.composed = self.original
+
+        @functools.wraps(self.original)  # keeps the signature that generate() and the Trainer inspect
+        def call(*args, **kwargs):
+            return self.composed(*args, **kwargs)
+
+        owner.__dict__[method] = call
+
+    def add(self, order: int, wrapper: Wrapper) -> None:
+        bisect.insort(self.wrappers, (order, wrapper), key=lambda item: item[0])
+        self._compose()
+
+    def remove(self, wrapper: Wrapper) -> None:
+        self.wrappers = [item for item in self.wrappers if item[1] is not wrapper]
+        self._compose()
+
+    def _compose(self) -> None:
+        composed = self.original
+        for _, wrapper in self.wrappers:
+            composed = wrapper(composed)
+        self.composed = composed
+
+    def uninstall(self) -> None:
+        if self.saved is None:
+            del self.owner.__dict__[self.method]
+        else:
+            self.owner.__dict__[self.method] = self.saved
+
+
+@dataclass
+class _PatchState:
+    config_snapshot: dict[str, Any]  # the config as it was before the first patch
+    applied: list[tuple[str, Applied]] = field(default_factory=list)
+    chains: dict[tuple[int, str], _CallChain] = field(default_factory=dict)
+
+    def add_wraps(self, order: int, applied: Applied) -> None:
+        for wrap in applied.wraps:
+            key = (id(wrap.owner), wrap.method)
+            if key not in self.chains:
+                self.chains[key] = _CallChain(wrap.owner, wrap.method)
+            self.chains[key].add(order, wrap.wrapper)
+
+    def remove_wraps(self, applied: Applied) -> None:
+        for wrap in applied.wraps:
+            key = (id(wrap.owner), wrap.method)
+            chain = self.chains[key]
+            chain.remove(wrap.wrapper)
+            if not chain.wrappers:
+                chain.uninstall()
+                del self.chains[key]
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -78,6 +190,12 @@ def base_model(model: nn.Module) -> nn.Module:
 def applied_sections(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The sections recorded on ``model.config.hf_longctx`` (empty when unpatched)."""
     return dict(getattr(base_model(model).config, "hf_longctx", None) or {})
+
+
+def config_before_patches(model: nn.Module) -> dict[str, Any] | None:
+    """The config's attributes as they were before the first patch (None when unpatched)."""
+    state: _PatchState | None = getattr(base_model(model), STATE_ATTR, None)
+    return None if state is None else state.config_snapshot
 
 
 def patch(model: nn.Module, spec: SpecLike = None, **overrides: Any) -> nn.Module:
@@ -96,37 +214,38 @@ def patch(model: nn.Module, spec: SpecLike = None, **overrides: Any) -> nn.Modul
     get_family(target)
     recorded = applied_sections(target)
     sections = spec.sections()
-    for name, section in sections.items():
+    for name in sections:
         if name in recorded:
             raise SpecError(f"section '{name}' is already applied to this model; call hf_longctx.unpatch(model) first")
-        if name not in _TECHNIQUES:
-            raise SpecError(f"section '{name}' is not available in this installation of hf_longctx")
-    _check_combination(recorded, sections)
+    _check_conflicts(recorded, sections)
     ordered = sorted(sections.items(), key=lambda item: _TECHNIQUES[item[0]].order)
     for name, section in ordered:
         if _TECHNIQUES[name].check is not None:
             _TECHNIQUES[name].check(target, section, spec)
 
     state: _PatchState | None = getattr(target, STATE_ATTR, None)
-    first_patch = state is None
-    if first_patch:
+    if state is None:
         state = _PatchState(config_snapshot=copy.deepcopy(target.config.__dict__))
     config_before = copy.deepcopy(target.config.__dict__)
+    object.__setattr__(target, STATE_ATTR, state)  # the chains live here while sections are applied
     done: list[tuple[str, Applied]] = []
     result = model
     try:
         for name, section in ordered:
             applied = _TECHNIQUES[name].apply(target, section, spec)
             done.append((name, applied))
+            state.add_wraps(_TECHNIQUES[name].order, applied)
             if applied.model is not None:
                 result = applied.model
     except BaseException:
         for _, applied in reversed(done):
+            state.remove_wraps(applied)
             applied.undo()
         _restore_config(target.config, config_before)
+        if not state.applied:
+            object.__delattr__(target, STATE_ATTR)
         raise
     state.applied.extend(done)
-    object.__setattr__(target, STATE_ATTR, state)
     target.config.hf_longctx = {**recorded, **{name: sections[name].to_dict() for name, _ in ordered}}
     logger.info("hf_longctx: applied %s to %s", ", ".join(name for name, _ in ordered), type(target).__name__)
     return result
@@ -139,6 +258,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state is None:
         raise SpecError(f"{type(target).__name__} has not been patched by hf_longctx; nothing to undo")
     for _, applied in reversed(state.applied):
+        state.remove_wraps(applied)
         applied.undo()
     _restore_config(target.config, state.config_snapshot)
     object.__delattr__(target, STATE_ATTR)
@@ -151,10 +271,11 @@ def _restore_config(config, snapshot: dict[str, Any]) -> None:
     config.__dict__.update(copy.deepcopy(snapshot))
 
 
-def _check_combination(recorded: dict[str, Any], sections: dict[str, SectionSpec]) -> None:
-    """Cross-section rules that must also hold against what is already applied."""
-    names = set(recorded) | set(sections)
-    if {"rope", "alibi"} <= names:
-        raise SpecError("'rope' and 'alibi' cannot be combined: ALiBi replaces the rotary embedding")
-    if {"memory", "streaming"} <= names:
-        raise SpecError("'memory' and 'streaming' cannot be combined: both own the way long inputs are split")
+def _check_conflicts(recorded: dict[str, Any], sections: dict[str, SectionSpec]) -> None:
+    """Sections that exclude each other, within the spec and against what is already applied."""
+    for name in sections:
+        for other in recorded:
+            reason = SECTION_CLASSES[name].conflicts.get(other) or SECTION_CLASSES[other].conflicts.get(name)
+            if reason:
+                first, second = sorted((name, other), key=lambda s: _TECHNIQUES[s].order)
+                raise SpecError(f"'{first}' and '{second}' cannot be combined: {reason}")

@@ -1,65 +1,69 @@
-"""PatchSpec: what to patch, from a dataclass, a dict, a preset name or a YAML file.
+"""PatchSpec: what to patch, from a dict, a preset name, a YAML file or another PatchSpec.
 
-A spec has one optional section per technique (``rope``, ``alibi``, ``attention``,
-``streaming``, ``memory``, ``moe``). Each section is validated when it is built, so a bad
-spec fails before any module is touched. Presets are the YAML files of ``patches/``,
-shipped inside the wheel as ``hf_longctx.presets``.
+A spec holds one optional section per technique (``rope``, ``attention``, ``loss``, ...).
+The sections and their dataclasses are not listed here: every technique registers its
+section with the patching core (``register_technique``), and a spec accepts exactly the
+registered ones. Each section is validated when it is built, so a bad spec fails before
+any module is touched. Presets are the YAML files of ``patches/``, shipped inside the wheel
+as ``hf_longctx.presets``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.resources
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
-from .attention.config import AttentionSpec
-from .config_base import SectionSpec, SpecError
-from .memory.config import MemorySpec
-from .moe.config import MoESpec
-from .positions.config import AlibiSpec, RopeSpec
-from .streaming.config import StreamingSpec
-
-SECTIONS: dict[str, type[SectionSpec]] = {
-    cls.section: cls for cls in (RopeSpec, AlibiSpec, AttentionSpec, StreamingSpec, MemorySpec, MoESpec)
-}
+from .config_base import SECTION_CLASSES, SectionSpec, SpecError
 
 
-@dataclass
 class PatchSpec:
-    """A full patch: each section is optional; ``None`` means "leave this aspect alone"."""
+    """A full patch: a section per technique, each optional (absent means "leave this aspect alone").
 
-    rope: RopeSpec | None = None
-    alibi: AlibiSpec | None = None
-    attention: AttentionSpec | None = None
-    streaming: StreamingSpec | None = None
-    memory: MemorySpec | None = None
-    moe: MoESpec | None = None
+    Build it with :func:`load_spec`, :meth:`from_dict` or keyword arguments
+    (``PatchSpec(rope=RopeSpec(type="yarn", factor=4.0))``; dicts are accepted for sections).
+    ``spec.rope`` is the section's dataclass, or None when the spec does not set it.
+    """
 
-    def __post_init__(self):
-        if self.rope is not None and self.alibi is not None:
-            raise SpecError("'rope' and 'alibi' cannot be combined: ALiBi replaces the rotary embedding")
-        if self.memory is not None and self.streaming is not None:
-            raise SpecError("'memory' and 'streaming' cannot be combined: both own the way long inputs are split")
+    def __init__(self, **sections: SectionSpec | dict | None):
+        unknown = sorted(set(sections) - set(SECTION_CLASSES))
+        if unknown:
+            raise SpecError(f"unknown spec section '{unknown[0]}'; allowed sections: {', '.join(SECTION_CLASSES)}")
+        self._sections = {
+            name: SECTION_CLASSES[name].from_dict(sections[name])
+            for name in SECTION_CLASSES
+            if sections.get(name) is not None
+        }
+        for name in self._sections:
+            for other, reason in SECTION_CLASSES[name].conflicts.items():
+                if other in self._sections:
+                    raise SpecError(f"'{name}' and '{other}' cannot be combined: {reason}")
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name not in SECTION_CLASSES:
+            raise AttributeError(f"PatchSpec has no section '{name}'; sections: {', '.join(SECTION_CLASSES)}")
+        return self._sections.get(name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PatchSpec) and self._sections == other._sections
+
+    def __repr__(self) -> str:
+        return f"PatchSpec({', '.join(f'{k}={v!r}' for k, v in self._sections.items())})"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PatchSpec":
         if not isinstance(data, dict):
             raise SpecError(f"a spec must be a mapping of sections, got {type(data).__name__} {data!r}")
-        unknown = sorted(set(data) - set(SECTIONS))
-        if unknown:
-            raise SpecError(f"unknown spec section '{unknown[0]}'; allowed sections: {', '.join(SECTIONS)}")
-        return cls(**{name: SECTIONS[name].from_dict(value) for name, value in data.items()})
+        return cls(**{name: {} if value is None else value for name, value in data.items()})
 
     def sections(self) -> dict[str, SectionSpec]:
-        """The sections that are set, in application order."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        """The sections that are set, in registration order."""
+        return dict(self._sections)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: section.to_dict() for name, section in self.sections().items()}
+        return {name: section.to_dict() for name, section in self._sections.items()}
 
 
 SpecLike = Union[PatchSpec, dict, str, Path, None]
@@ -105,7 +109,7 @@ def load_spec(spec: SpecLike = None, **overrides: Any) -> PatchSpec:
         raise SpecError(f"a spec must be a PatchSpec, dict, preset name or YAML path, got {type(spec).__name__}")
     data.update(overrides)
     if not data:
-        raise SpecError("the spec is empty: give at least one section (" + ", ".join(SECTIONS) + ")")
+        raise SpecError("the spec is empty: give at least one section (" + ", ".join(SECTION_CLASSES) + ")")
     return PatchSpec.from_dict(data)
 
 

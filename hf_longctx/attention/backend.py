@@ -174,5 +174,6 @@ def _native_config(model: nn.Module, params: dict) -> dict | None:
 
 
 register_technique(
-    Technique(section="attention", apply=_apply, check=_check, order=20, native_config=_native_config)
+    Technique(section="attention", spec_class=AttentionSpec, apply=_apply, check=_check, order=20,
+              native_config=_native_config)
 )

@@ -17,6 +17,7 @@ class MemorySpec(SectionSpec):
     """
 
     section = "memory"
+    conflicts = {"streaming": "both own the way long inputs are split"}
 
     memory_tokens: int = spec_field(16, help="Number of memory embeddings read and written per segment.")
     segment_length: int = spec_field(512, help="Real tokens per segment.")

@@ -378,4 +378,11 @@ def _apply(model: nn.Module, section: MemorySpec, spec) -> Applied:
     return Applied(undo=lambda: None, model=RecurrentMemoryModel(model, section))
 
 
-register_technique(Technique(section="memory", apply=_apply, check=_check, order=90))
+def _card(params: dict) -> list[str]:
+    segment_length = MemorySpec.from_dict(params).segment_length
+    return [f"- **Input length:** unbounded: segments of {segment_length} tokens linked by recurrent memory tokens"]
+
+
+register_technique(
+    Technique(section="memory", spec_class=MemorySpec, apply=_apply, check=_check, order=90, card=_card)
+)

@@ -42,7 +42,7 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
     return (z * mask).sum() / (mask.sum() * z.shape[0])
 
 
-def with_router_losses(model: nn.Module, forward: Callable, routers: list[nn.Module], num_experts: int, top_k: int):
+def with_router_losses(model: nn.Module, forward: Callable, *, routers: list[nn.Module], num_experts: int, top_k: int):
     """``forward`` (the causal LM's) extended with ``output_router_logits`` and the router losses.
 
     ``output_router_logits`` defaults to ``config.output_router_logits`` when the config sets

@@ -1,15 +1,16 @@
 """The ``moe`` technique: replace dense MLPs by sparse MoE blocks initialised from them.
 
 ``patch(model, {"moe": {...}})`` (or :func:`upcycle_moe`) swaps the MLP of each chosen layer
-for a :class:`~hf_longctx.moe.layer.SparseMoeBlock`, wraps the causal LM's ``forward`` on the
-instance so that it reports and trains the router losses (see ``losses.py``), and writes
-``router_aux_loss_coef`` / ``router_z_loss_coef`` on the config. ``unpatch`` puts the dense MLPs,
-the forward and the config back. ``save_pretrained`` writes a native Mixtral / Qwen2-MoE /
+for a :class:`~hf_longctx.moe.layer.SparseMoeBlock`, contributes a wrapper of the causal LM's
+``forward`` to the call path that reports and trains the router losses (see ``losses.py``), and
+writes ``router_aux_loss_coef`` / ``router_z_loss_coef`` on the config. ``unpatch`` puts the dense
+MLPs and the config back. ``save_pretrained`` writes a native Mixtral / Qwen2-MoE /
 Qwen3-MoE checkpoint where one exists (``export.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config_base import SpecError
 from ..families import get_family
-from ..patching import Applied, Technique, patch, register_technique
+from ..patching import Applied, Technique, Wrap, patch, register_technique
 from .config import MoESpec
 from .export import save_native
 from .layer import DENSE_LAYOUT, SparseMoeBlock
@@ -61,13 +62,7 @@ def _apply(model: nn.Module, section: MoESpec, spec) -> Applied:
     def undo():
         for i, mlp in originals.items():
             setattr(layers[i], family.mlp_attr, mlp)
-        if had_forward:
-            model.forward = own_forward
-        elif "forward" in model.__dict__:
-            del model.forward
 
-    had_forward = "forward" in model.__dict__
-    own_forward = model.__dict__.get("forward")
     try:
         for i in tqdm(indices, desc=f"upcycling MLPs to {section.num_experts} experts", disable=None):
             mlp = getattr(layers[i], family.mlp_attr)
@@ -80,15 +75,16 @@ def _apply(model: nn.Module, section: MoESpec, spec) -> Applied:
         undo()
         raise
     routers = [getattr(layers[i], family.mlp_attr).gate for i in indices]
-    model.forward = with_router_losses(model, model.forward, routers, section.num_experts, section.top_k)
     model.config.router_aux_loss_coef = section.router_aux_loss_coef
     model.config.router_z_loss_coef = section.router_z_loss_coef
     logger.info("upcycled %d MLPs of %s to %d experts (top %d)", len(indices), type(model).__name__,
                 section.num_experts, section.top_k)
-    return Applied(undo=undo)
+    router_losses = functools.partial(with_router_losses, model, routers=routers, num_experts=section.num_experts,
+                                      top_k=section.top_k)
+    return Applied(undo=undo, wraps=(Wrap(model, "forward", router_losses),))
 
 
-register_technique(Technique(section="moe", apply=_apply, check=_check, order=40, save=save_native))
+register_technique(Technique(section="moe", spec_class=MoESpec, apply=_apply, check=_check, order=40, save=save_native))
 
 
 def upcycle_moe(

@@ -135,4 +135,7 @@ def _apply(model: nn.Module, section: AlibiSpec, spec) -> Applied:
     return Applied(undo=undo)
 
 
-register_technique(Technique(section="alibi", apply=_apply, check=lambda model, section, spec: require_rotary(model), order=10))
+register_technique(
+    Technique(section="alibi", spec_class=AlibiSpec, apply=_apply, check=lambda model, section, spec: require_rotary(model),
+              order=15)
+)

@@ -25,6 +25,7 @@ class RopeSpec(SectionSpec):
     """RoPE scaling. Give ``factor`` or ``target_context`` (factor = target_context / trained length)."""
 
     section = "rope"
+    conflicts = {"alibi": "ALiBi replaces the rotary embedding"}
 
     type: Literal["linear", "ntk", "dynamic", "yarn", "llama3", "longrope"] | None = spec_field(
         None, help="Scaling method: linear (position interpolation), ntk (static NTK-aware theta), dynamic NTK, "

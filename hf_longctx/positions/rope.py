@@ -136,4 +136,4 @@ def _apply(model: nn.Module, section: RopeSpec, spec) -> Applied:
     return Applied(undo=lambda: family.set_rotary_embedding(model, original))
 
 
-register_technique(Technique(section="rope", apply=_apply, check=_check, order=10))
+register_technique(Technique(section="rope", spec_class=RopeSpec, apply=_apply, check=_check, order=10))

@@ -1,7 +1,7 @@
 """The ``streaming`` patch: ``generate`` streams with a SinkCache, long inputs go in chunks.
 
-Applying the section replaces two methods on the model instance (recorded, undone by
-``unpatch``):
+Applying the section contributes two wrappers to the model's call path (installed and
+removed by the patching core):
 
 * ``generate``: when no cache is given (and ``use_cache`` is not False), it passes a fresh
   ``SinkCache(sink_tokens, window)``.
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..config_base import SpecError
-from ..patching import Applied, Technique, register_technique
+from ..patching import Applied, Technique, Wrap, register_technique
 from .cache import SinkCache
 from .config import StreamingSpec
 
@@ -118,36 +118,36 @@ def _check(model: nn.Module, section: StreamingSpec, spec) -> None:
 
 
 def _apply(model: nn.Module, section: StreamingSpec, spec) -> Applied:
-    saved = {name: model.__dict__[name] for name in ("forward", "generate") if name in model.__dict__}
-    original_forward, original_generate = model.forward, model.generate
+    def wrap_forward(inner):
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+            if not isinstance(cache, SinkCache):
+                return inner(*args, **kwargs)
+            for key in (*_CACHE_KEYS, "position_ids"):
+                kwargs.pop(key, None)
+            if args:
+                kwargs["input_ids"] = args[0]
+            return streaming_forward(model, inner, cache, prefill_chunk=section.prefill_chunk, **kwargs)
 
-    @functools.wraps(original_forward)
-    def forward(*args, **kwargs):
-        cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
-        if not isinstance(cache, SinkCache):
-            return original_forward(*args, **kwargs)
-        for key in (*_CACHE_KEYS, "position_ids"):
-            kwargs.pop(key, None)
-        if args:
-            kwargs["input_ids"] = args[0]
-        return streaming_forward(model, original_forward, cache, prefill_chunk=section.prefill_chunk, **kwargs)
+        return forward
 
-    @functools.wraps(original_generate)
-    def generate(*args, **kwargs):
-        if all(kwargs.get(k) is None for k in _CACHE_KEYS) and kwargs.get("use_cache", True) is not False:
-            kwargs["cache"] = SinkCache(section.sink_tokens, section.window, model=model)
-        return original_generate(*args, **kwargs)
+    def wrap_generate(inner):
+        @functools.wraps(inner)
+        def generate(*args, **kwargs):
+            if all(kwargs.get(k) is None for k in _CACHE_KEYS) and kwargs.get("use_cache", True) is not False:
+                kwargs["cache"] = SinkCache(section.sink_tokens, section.window, model=model)
+            return inner(*args, **kwargs)
 
-    model.forward, model.generate = forward, generate
+        return generate
 
-    def undo() -> None:
-        for name in ("forward", "generate"):
-            if name in saved:
-                setattr(model, name, saved[name])
-            else:
-                model.__dict__.pop(name, None)
-
-    return Applied(undo=undo)
+    return Applied(wraps=(Wrap(model, "forward", wrap_forward), Wrap(model, "generate", wrap_generate)))
 
 
-register_technique(Technique(section="streaming", apply=_apply, check=_check, order=40))
+def _card(params: dict) -> list[str]:
+    return ["- **Input length:** unbounded stream; the KV cache keeps the attention sinks and a recent window"]
+
+
+register_technique(
+    Technique(section="streaming", spec_class=StreamingSpec, apply=_apply, check=_check, order=50, card=_card)
+)
