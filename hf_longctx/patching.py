@@ -37,6 +37,7 @@ from __future__ import annotations
 import bisect
 import copy
 import functools
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,16 @@ class _PatchState:
             if not chain.wrappers:
                 chain.uninstall()
                 del self.chains[key]
+
+
+def call_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call ``fn(*args, **kwargs)`` by name (``**kwargs`` of ``fn`` flattened in), for
+    wrappers that read or replace an argument however the caller passed it."""
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+            bound.update(bound.pop(name))
+    return dict(bound)
 
 
 def base_model(model: nn.Module) -> nn.Module:

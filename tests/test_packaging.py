@@ -18,9 +18,11 @@ def test_wheel_contains_presets_and_lists_them(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True
     )
+    packages = sorted(".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "hf_longctx").rglob("__init__.py"))
     script = (
-        "import hf_longctx, pathlib, sys; "
+        "import hf_longctx, importlib, pathlib, sys; "
         f"assert pathlib.Path(hf_longctx.__file__).is_relative_to({str(site)!r}), hf_longctx.__file__; "
+        f"[importlib.import_module(name) for name in {packages!r}]; "  # every package of the source tree is found
         "print('\\n'.join(hf_longctx.list_presets()))"
     )
     # -I: isolated mode, so neither the source tree nor an editable install is on the path

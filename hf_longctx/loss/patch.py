@@ -1,0 +1,193 @@
+"""The ``loss`` patch: the model's own training loss, computed in chunks over the hidden states.
+
+With ``labels``, the patched forward runs the model's own forward with ``logits_to_keep`` set to
+no position at all (so the ``[B, N, vocab]`` logits are never built), keeps the decoder's last
+hidden state (a forward hook on the decoder), and calls the output head with the labels: the
+head's own forward contribution computes :func:`~hf_longctx.loss.chunked.causal_lm_loss`, so that
+FSDP's hooks on the head gather its weight and reduce-scatter its gradient as for the standard
+logits. What the model adds to its loss beyond the cross-entropy (a native MoE's
+``router_aux_loss_coef * aux_loss``) is added the same way; the ``moe`` patch's router losses wrap
+this from the outside. Calls without labels go to the model untouched. The output has
+``logits=None``.
+
+What the head does after its matmul (Granite's ``logits_scaling``, Cohere's ``logit_scale``,
+Gemma's ``final_logit_softcapping``) is found by :func:`head_transform`: before anything is
+changed, it runs the model's own forward and the chunked path on a few tokens whose hidden
+states are scaled up until softcaps and scales bite, picks the transform that reproduces the
+model's logits, and refuses the section with a SpecError when none does or when the losses
+differ: a head this file does not know is refused, never trained with a different objective.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import torch
+from torch import nn
+
+from ..config_base import SpecError
+from ..families import get_family
+from ..patching import Applied, Technique, Wrap, call_arguments, register_technique
+from .chunked import HeadTransform, causal_lm_loss
+from .config import LossSpec
+
+logger = logging.getLogger(__name__)
+
+_PROBE_TOKENS = 12
+_PROBE_LOGIT = 40.0  # largest logit of the probe: far into a softcap of 30 or 50, yet an exact float32 softmax
+
+
+def candidate_transforms(config) -> list[HeadTransform]:
+    """What a head may do to ``lm_head(hidden)``, from the config values heads are known to read, most
+    complete first: Granite's ``logits / logits_scaling``, Cohere's ``logits * logit_scale``, the final
+    ``tanh`` softcap of Gemma 2/3. A config can carry a value its head ignores; the probe picks the one
+    the head really applies."""
+    scales = [1.0]
+    if getattr(config, "logits_scaling", None):
+        scales.append(1.0 / config.logits_scaling)
+    if getattr(config, "logit_scale", None) is not None:
+        scales += [s * config.logit_scale for s in scales]
+    caps = [None]
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        caps.append(config.final_logit_softcapping)
+    return [HeadTransform(scale, cap) for cap in reversed(caps) for scale in reversed(scales)]
+
+
+def _router_aux_coef(model: nn.Module) -> float | None:
+    coef = getattr(model, "router_aux_loss_coef", None)
+    return getattr(model.config, "router_aux_loss_coef", None) if coef is None else coef
+
+
+def _last_hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+
+def _chunked_forward(model: nn.Module, head: nn.Module, inner, args: tuple, kwargs: dict, head_loss=None):
+    """``inner`` (a causal LM forward) with its loss computed by ``head(hidden, labels=...)`` (or ``head_loss``,
+    a function of the same arguments); see the module docstring."""
+    arguments = call_arguments(inner, args, kwargs)
+    labels = arguments.pop("labels", None)
+    if labels is None:
+        return inner(*args, **kwargs)
+    if model.get_output_embeddings() is not head:
+        raise ValueError("the output embedding was replaced after the 'loss' patch (is lm_head a LoRA target?)")
+    num_items_in_batch = arguments.pop("num_items_in_batch", None)
+    return_dict = arguments.pop("return_dict", None)
+    arguments["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=head.weight.device)
+    captured: list[torch.Tensor] = []
+    hook = get_family(model).decoder(model).register_forward_hook(lambda _m, _a, out: captured.append(_last_hidden(out)))
+    try:
+        out = inner(**arguments, return_dict=True)
+    finally:
+        hook.remove()
+    loss = (head_loss or head)(captured[0], labels=labels, num_items_in_batch=num_items_in_batch)
+    aux_loss = out.get("aux_loss")
+    if aux_loss is not None:  # what the model's own forward adds to the loss of its labels
+        loss = loss + _router_aux_coef(model) * aux_loss.to(loss.device)
+    out.loss, out.logits = loss, None
+    return out.to_tuple() if return_dict is False else out
+
+
+def _head_forward(head: nn.Linear, inner, chunk_size: int, transform: HeadTransform):
+    @functools.wraps(inner)
+    def forward(hidden, labels=None, num_items_in_batch=None):
+        if labels is None:
+            return inner(hidden)
+        return causal_lm_loss(hidden, head.weight, labels, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
+                              bias=head.bias, transform=transform)
+
+    return forward
+
+
+def _check(model: nn.Module, section: LossSpec, spec) -> None:
+    head = model.get_output_embeddings()
+    name = model.config.model_type
+    if not isinstance(head, nn.Linear):
+        raise SpecError(f"'loss' needs the output embedding to be an nn.Linear; {type(model).__name__} has "
+                        f"{type(head).__name__} (is lm_head a LoRA target?)")
+    if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
+        raise SpecError(f"'loss' is not supported for model_type '{name}': its forward has no logits_to_keep, "
+                        "so the full logits could not be skipped")
+    if getattr(model.config, "output_router_logits", None) is not None and _router_aux_coef(model) is None:
+        raise SpecError(f"'loss' is not supported for model_type '{name}': it returns router losses but has no "
+                        "router_aux_loss_coef to weigh them with")
+    head_transform(model, section)
+
+
+@torch.no_grad()
+def head_transform(model: nn.Module, section: LossSpec = LossSpec()) -> HeadTransform:
+    """The transform the head applies after its matmul, found by running the model on a short input.
+
+    Refuses (SpecError) unless one of :func:`candidate_transforms` reproduces the model's own logits
+    and the chunked path reproduces the model's own loss.
+    """
+    head = model.get_output_embeddings()
+    own_forward = type(model).forward.__get__(model)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, _PROBE_TOKENS), generator=generator).to(head.weight.device)
+    kwargs = {"output_router_logits": True} if getattr(model.config, "output_router_logits", None) is not None else {}
+    scale = {"factor": 1.0}
+    hidden: list[torch.Tensor] = []
+
+    def scale_hidden(_module, _args, output):
+        if isinstance(output, tuple):
+            output = (output[0] * scale["factor"], *output[1:])
+        else:
+            output.last_hidden_state = output.last_hidden_state * scale["factor"]
+        hidden.append(_last_hidden(output))
+        return output
+
+    was_training = model.training
+    model.eval()
+    hook = get_family(model).decoder(model).register_forward_hook(scale_hidden)
+    try:
+        largest = own_forward(ids, use_cache=False, **kwargs).logits.float().abs().max().item()
+        scale["factor"] = _PROBE_LOGIT / largest if largest > 0 else 1.0
+        hidden.clear()
+        own = own_forward(ids, labels=ids, use_cache=False, **kwargs)
+        raw = head(hidden[0])
+        tolerance = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 3e-2
+        errors = {t: ((own.logits.float() - t(raw).float()).abs().max() / _PROBE_LOGIT).item()
+                  for t in candidate_transforms(model.config)}
+        transform = min(errors, key=errors.get)
+        if errors[transform] > tolerance:
+            raise SpecError(
+                f"'loss' is not supported for model_type '{model.config.model_type}': its head computes logits "
+                f"that none of {list(errors)} reproduces (closest: relative difference {errors[transform]:.2g}); "
+                "the chunked loss would train a different objective"
+            )
+        ours = _chunked_forward(model, head, own_forward, (ids,), dict(labels=ids, use_cache=False, **kwargs),
+                                head_loss=_head_forward(head, head.forward, section.chunk_size, transform))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    loss_error = abs(ours.loss.item() - own.loss.item()) / max(abs(own.loss.item()), 1e-6)
+    if loss_error > tolerance:
+        raise SpecError(
+            f"'loss' is not supported for model_type '{model.config.model_type}': its loss differs from the "
+            f"chunked cross-entropy of its logits (relative difference {loss_error:.2g})"
+        )
+    return transform
+
+
+def _apply(model: nn.Module, section: LossSpec, spec) -> Applied:
+    head = model.get_output_embeddings()
+    transform = head_transform(model, section)
+
+    def wrap_forward(inner):
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            return _chunked_forward(model, head, inner, args, kwargs)
+
+        return forward
+
+    logger.info("loss: chunked cross-entropy, %d tokens per chunk, head %s", section.chunk_size, transform)
+    return Applied(wraps=(
+        Wrap(model, "forward", wrap_forward),
+        Wrap(head, "forward", lambda inner: _head_forward(head, inner, section.chunk_size, transform)),
+    ))
+
+
+register_technique(Technique(section="loss", spec_class=LossSpec, apply=_apply, check=_check, order=30))
