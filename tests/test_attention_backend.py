@@ -275,12 +275,47 @@ def test_window_at_least_the_sequence_is_bit_identical_with_sdpa():
     torch.testing.assert_close(_snapshot(model, ids), before, atol=1e-6, rtol=0)
 
 
-def test_native_mistral_window_is_replaced_and_restored():
-    model = tiny_model("mistral", sliding_window=4)
-    hf_longctx.patch(model, attention_spec())
-    assert model.config.sliding_window is None  # the native cache would evict the sink keys
-    hf_longctx.unpatch(model)
-    assert model.config.sliding_window == 4
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+def test_a_patched_window_never_widens_the_native_one(backend):
+    """Mistral trained with window 16 and patched with window 32 (+ sinks) is still exactly native window 16."""
+    native = tiny_model("mistral", sliding_window=16)
+    patched = copy.deepcopy(native)
+    hf_longctx.patch(patched, attention_spec(backend, window=32, sinks=S))
+    assert patched.config.sliding_window == 16
+    ids = tokens(2, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, native(ids).logits, atol=ATOL, rtol=0)
+        wider = tiny_model("mistral", sliding_window=32)
+        assert not torch.allclose(wider(ids).logits, native(ids).logits, atol=1e-3)  # the widening would show
+        assert torch.equal(patched.generate(ids, max_new_tokens=6, do_sample=False),
+                           native.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+def test_a_narrower_window_with_sinks_narrows_a_native_window(backend):
+    """Native window 16 patched with W + S sinks: the explicit-mask oracle, and generation with the KV cache
+    (the sinks must outlive the native window's cache) equals full recompute."""
+    model = tiny_model("mistral", sliding_window=16)
+    reference = copy.deepcopy(model)
+    hf_longctx.patch(model, attention_spec(backend))
+    ids = tokens(2, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference_logits(reference, ids), atol=ATOL, rtol=0)
+        options = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        cached = model.generate(ids[:1, :14], use_cache=True, **options)
+        recomputed = model.generate(ids[:1, :14], use_cache=False, **options)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    for a, b in zip(cached.scores, recomputed.scores):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_a_window_without_sinks_bounds_every_layers_cache():
+    model = tiny_model("llama", num_hidden_layers=3)
+    hf_longctx.patch(model, attention_spec(sinks=0))
+    with torch.no_grad():
+        out = model(tokens(1, 30), use_cache=True)
+    cache = out.get("cache", out.get("past_key_values"))
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [W - 1] * 3
 
 
 @pytest.mark.parametrize("section, message", [

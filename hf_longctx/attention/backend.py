@@ -29,17 +29,19 @@ initialised to ``SINK_INIT`` so that the outputs are unchanged at first.
 
 from __future__ import annotations
 
+import functools
 import logging
 from functools import lru_cache, partial
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 
 from ..config_base import SpecError
 from ..families import get_family
-from ..patching import Applied, Technique, register_technique
+from ..patching import Applied, Technique, Wrap, register_technique
 from ..positions import module_alibi_slopes
 from .config import AttentionSpec
 from .functions import (causal_mask, cu_seqlens_of, dense_attention, flex_path, kernel_path, packed_documents,
@@ -53,6 +55,7 @@ SINKS_PARAM = "sinks"
 SINK_INIT = -25.0
 _TAGS = {"auto": "auto", "triton": "triton", "flex": "blockmask", "sdpa": "dense", "eager": "dense_eager"}
 _DENSE_BACKENDS = ("sdpa", "eager")
+_CACHE_KEYS = ("cache", "past_key_values")
 
 
 def _structured_geometry(q_length, kv_length, q_offset, kv_offset, attention_mask) -> bool:
@@ -64,6 +67,38 @@ def _structured_geometry(q_length, kv_length, q_offset, kv_offset, attention_mas
     return attention_mask is None or bool(attention_mask[:, -kv_length:].all())
 
 
+def layer_window(native: int | None, window: int | None, sink_tokens: int) -> tuple[int | None, int]:
+    """(window, sinks) of a layer whose native window is ``native`` (None: full attention) under a patched
+    ``window``: the patch only narrows. A layer whose native window is no wider than the patched one stays
+    exactly native (its window, no sinks)."""
+    if window is None or (native is not None and native <= window):
+        return native, 0
+    return window, sink_tokens
+
+
+class UnsupportedAttentionArgument(ValueError):
+    """The model passed the attention function an argument it cannot honour."""
+
+
+# Arguments every decoder passes through to its attention function; they do not change the result.
+_PASSED_THROUGH = {"output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
+                   "use_cache", "cache", "past_key_values", "cache_position", "max_length_q", "max_length_k",
+                   "seq_idx", "return_dict"}
+
+
+def _check_arguments(kwargs: dict, position_ids, is_causal) -> None:
+    """Raise for any argument that would change the attention and is not honoured here."""
+    if is_causal is False:
+        raise UnsupportedAttentionArgument("is_causal=False: hf_longctx attention is causal only")
+    if position_ids is None and any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k")):
+        raise UnsupportedAttentionArgument("cu_seq_lens_q/k without position_ids: packed documents are read from "
+                                           "position_ids")
+    unknown = sorted(k for k, v in kwargs.items()
+                     if v is not None and k not in _PASSED_THROUGH and not k.startswith("cu_seq_lens"))
+    if unknown:
+        raise UnsupportedAttentionArgument(f"the attention function does not honour {', '.join(unknown)}")
+
+
 @lru_cache(maxsize=None)
 def attention_implementation(backend: str, sliding_window: int | None, sink_tokens: int) -> str:
     """Register (once per setting) the attention + mask function pair and return its name.
@@ -72,45 +107,73 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
     checks for implementations whose names contain them.
     """
     name = f"hf_longctx_attn_{_TAGS[backend]}_w{sliding_window or 0}_s{sink_tokens}"
+    own_window = sliding_window  # the patched window (attention_forward's own argument is the layer's native one)
 
     def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
-                      mask_function=causal_mask_function, attention_mask=None, device="cpu", use_vmap=False,
-                      **kwargs):
-        """AttentionMaskInterface: None (kernel geometry is exact) or bool ``[B, 1, N, M]``."""
+                      mask_function=causal_mask_function, attention_mask=None, local_size=None, device="cpu",
+                      use_vmap=False, **kwargs):
+        """AttentionMaskInterface: None (kernel geometry is exact) or bool ``[B, 1, N, M]``.
+
+        ``local_size`` is the native window of the layers this mask is for (transformers passes it for
+        its sliding-window masks, whose ``mask_function`` already holds that window).
+        """
+        window, sinks = layer_window(local_size, sliding_window, sink_tokens)
         if backend not in _DENSE_BACKENDS and _structured_geometry(q_length, kv_length, q_offset, kv_offset,
                                                                   attention_mask):
             return None
-        base = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                         allow_is_causal_skip=False, use_vmap=use_vmap, device=device)
-        return window_sink_mask(base, sliding_window, sink_tokens)
+        mask = partial(sdpa_mask, batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                       kv_offset=kv_offset, attention_mask=attention_mask, allow_is_causal_skip=False,
+                       use_vmap=use_vmap, device=device)
+        base = mask(mask_function=mask_function)  # transformers' own mask for these layers, native window included
+        if window == local_size or sinks == 0:
+            return window_sink_mask(base, window, 0)
+        if local_size is not None:  # sinks on a narrowed native window: they lie outside the native window
+            if kv_offset != 0:
+                raise ValueError(f"the KV cache dropped the first {kv_offset} tokens of a layer whose sink tokens "
+                                 "must stay: call generate() or the model without a cache (hf_longctx gives one) "
+                                 "or use the 'streaming' section")
+            causal = mask(mask_function=causal_mask_function)
+            if not torch.equal(window_sink_mask(causal, local_size, 0), base):
+                raise ValueError("attention sinks on a narrowed native window need a plain causal mask; this "
+                                 "input adds more (packed documents?): use the auto, triton or flex backend")
+            base = causal
+        return window_sink_mask(base, window, sinks)
 
-    def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
-                          **kwargs):
-        """AttentionInterface: q ``[B, Hq, N, D]``, k/v ``[B, Hkv, M, D]`` -> ``([B, N, Hq, D], weights)``."""
-        # Without a window of our own, a native one (Mistral, Qwen sliding layers) still applies.
-        window = sliding_window if sliding_window is not None else kwargs.get("sliding_window")
+    def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                          softcap=None, s_aux=None, position_ids=None, is_causal=None, **kwargs):
+        """AttentionInterface: q ``[B, Hq, N, D]``, k/v ``[B, Hkv, M, D]`` -> ``([B, N, Hq, D], weights)``.
+
+        Honours the family's per-layer arguments: ``sliding_window`` (the layer's native window,
+        narrowed by the patched one), ``softcap`` (Gemma 2 attention logit softcap), ``s_aux`` (gpt-oss
+        sink logits), ``scaling`` and ``dropout``; raises for any other argument that would change the
+        result.
+        """
+        _check_arguments(kwargs, position_ids, is_causal)
+        window, sinks = layer_window(sliding_window, own_window, sink_tokens)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         slopes = module_alibi_slopes(module)
-        sinks = getattr(module, SINKS_PARAM, None)
+        sink_logits = s_aux if s_aux is not None else getattr(module, SINKS_PARAM, None)
         q_len, kv_len = query.shape[2], key.shape[2]
         dropout = dropout if module.training else 0.0
         documents = None
         if attention_mask is None:
             documents = packed_documents(position_ids, query.shape[0], q_len, kv_len)
-        if backend in _DENSE_BACKENDS or attention_mask is not None or dropout > 0:  # the kernels have no dropout
-            if attention_mask is None:
-                attention_mask = window_sink_mask(causal_mask(q_len, kv_len, query.device, documents), window,
-                                                  sink_tokens)
-            return dense_attention(query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                   alibi_slopes=slopes, sink_logits=sinks, use_sdpa=backend != "eager")
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        if backend == "flex" and (query.is_cuda or not needs_grad):  # flex has no backward on the CPU
-            run = flex_path
+        flex = backend == "flex" and (query.is_cuda or not needs_grad)  # flex has no backward on the CPU
+        # The kernels have no dropout and no padding mask; the Triton kernel has no softcap input (flex has).
+        if (backend in _DENSE_BACKENDS or attention_mask is not None or dropout > 0
+                or (softcap is not None and not flex)):
+            if attention_mask is None:
+                attention_mask = window_sink_mask(causal_mask(q_len, kv_len, query.device, documents), window, sinks)
+            return dense_attention(query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                   alibi_slopes=slopes, sink_logits=sink_logits, softcap=softcap,
+                                   use_sdpa=backend != "eager")
+        if flex:
+            run = partial(flex_path, softcap=softcap)
         else:
             run = partial(kernel_path, backend="triton" if backend == "triton" else "auto")
-        options = dict(scaling=scaling, window=window, sink_tokens=sink_tokens, alibi_slopes=slopes,
-                       sink_logits=sinks)
+        options = dict(scaling=scaling, window=window, sink_tokens=sinks, alibi_slopes=slopes,
+                       sink_logits=sink_logits)
         if documents is None:
             return run(query, key, value, cu_seqlens=None, **options), None
         # cu_seqlens describes one packed row: run the rows one by one.
@@ -125,12 +188,34 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
     return name
 
 
+def native_windows(model: nn.Module) -> list[int | None]:
+    """Each layer's native sliding window (None: full attention), from the config as transformers reads it."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return [window] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
+def attention_cache(model: nn.Module, section: AttentionSpec) -> Cache:
+    """A KV cache whose layers keep what the patched layers attend to.
+
+    A layer with a window and no sinks keeps its last ``window - 1`` tokens (transformers'
+    ``DynamicSlidingWindowLayer``); a layer with sinks keeps every token, so that the sinks stay at
+    their true positions; a full-attention layer keeps every token. ``is_sliding`` follows the
+    layer's native type, so that transformers builds each mask from a layer of that type.
+    """
+    layers = []
+    for native in native_windows(model):
+        window, sinks = layer_window(native, section.sliding_window, section.sink_tokens)
+        layer = DynamicSlidingWindowLayer(window) if window is not None and not sinks else DynamicLayer()
+        layer.is_sliding = native is not None
+        layers.append(layer)
+    return Cache(layers=layers)
+
+
 def _check(model: nn.Module, section: AttentionSpec, spec) -> None:
-    layer_types = getattr(model.config, "layer_types", None) or []
-    if section.sliding_window is not None and "sliding_attention" in layer_types:
-        raise SpecError(f"this {model.config.model_type} model already has sliding-window layers (layer_types "
-                        f"{sorted(set(layer_types))}); 'attention.sliding_window' is allowed only on models whose "
-                        "layers all use full attention")
     if section.learnable_sinks:
         for attn in get_family(model).attention_modules(model):
             if hasattr(attn, SINKS_PARAM):
@@ -138,14 +223,24 @@ def _check(model: nn.Module, section: AttentionSpec, spec) -> None:
                                 "'attention.learnable_sinks' cannot add its own")
 
 
+@torch.no_grad()
+def _probe(model: nn.Module) -> None:
+    """Run a few tokens through the patched model: a SpecError names any argument its attention gets
+    that the function cannot honour."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 4, dtype=torch.long, device=model.device), use_cache=False)
+    except UnsupportedAttentionArgument as err:
+        raise SpecError(f"'attention' is not supported for model_type '{model.config.model_type}': {err}") from err
+    finally:
+        model.train(was_training)
+
+
 def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
     family = get_family(model)
     previous_impl = model.config._attn_implementation
     name = attention_implementation(section.backend, section.sliding_window, section.sink_tokens)
-    if section.sliding_window is not None and getattr(model.config, "sliding_window", None) is not None:
-        # The native window would AND with ours and its KV cache would evict the sink keys;
-        # the config is restored by unpatch (patching keeps a snapshot).
-        model.config.sliding_window = None
     modules = family.attention_modules(model)
     if section.learnable_sinks:
         for attn in modules:
@@ -162,15 +257,49 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
             for attn in modules:
                 delattr(attn, SINKS_PARAM)
 
-    return Applied(undo=undo)
+    try:
+        _probe(model)
+    except BaseException:
+        undo()
+        raise
+    if section.sliding_window is None:
+        return Applied(undo=undo)
+
+    def without_cache(kwargs: dict) -> bool:
+        return all(kwargs.get(k) is None for k in _CACHE_KEYS)
+
+    def wrap_forward(inner):
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            use_cache = kwargs.get("use_cache")
+            if without_cache(kwargs) and (model.config.use_cache if use_cache is None else use_cache):
+                kwargs["cache"] = attention_cache(model, section)
+            return inner(*args, **kwargs)
+
+        return forward
+
+    def wrap_generate(inner):
+        @functools.wraps(inner)
+        def generate(*args, **kwargs):
+            if without_cache(kwargs) and kwargs.get("use_cache", True) is not False:
+                kwargs["cache"] = attention_cache(model, section)
+            return inner(*args, **kwargs)
+
+        return generate
+
+    return Applied(undo=undo, wraps=(Wrap(model, "forward", wrap_forward), Wrap(model, "generate", wrap_generate)))
 
 
 def _native_config(model: nn.Module, params: dict) -> dict | None:
-    """A plain sliding window is native for families whose config can hold one (Mistral, Qwen, Phi-3)."""
+    """A plain sliding window is native for families whose config can hold one (Mistral, Qwen, Phi-3, Gemma 2)
+    when every layer ends up with the same window."""
     section = AttentionSpec.from_dict(params)
     if section.sliding_window is None or section.sink_tokens or section.learnable_sinks:
         return None
-    return get_family(model).sliding_window_config(model.config, section.sliding_window)
+    windows = {layer_window(native, section.sliding_window, 0)[0] for native in native_windows(model)}
+    if len(windows) != 1:
+        return None  # hybrid layers keep different windows: one config value cannot say so
+    return get_family(model).sliding_window_config(model.config, windows.pop())
 
 
 register_technique(

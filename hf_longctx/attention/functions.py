@@ -74,14 +74,15 @@ def cu_seqlens_of(documents: torch.Tensor) -> torch.Tensor:
     return torch.tensor(bounds, dtype=torch.int32, device=documents.device)
 
 
-def dense_attention(query, key, value, mask, *, scaling, dropout, alibi_slopes, sink_logits, use_sdpa):
+def dense_attention(query, key, value, mask, *, scaling, dropout, alibi_slopes, sink_logits, use_sdpa, softcap=None):
     """Softmax attention with an explicit mask; returns ``(out [B, N, Hq, D], weights or None)``.
 
     query ``[B, Hq, N, D]``, key/value ``[B, Hkv, M, D]``; mask ``[B or 1, 1, N, M]`` boolean
     (True = visible) or float (added to the scores). ``alibi_slopes`` ``[Hq]`` adds
     -slope * (i - j) with index distances (pads sit left of every real token, documents are
     contiguous, so index distance is token distance); ``sink_logits`` ``[Hq]`` is one extra
-    softmax column without value. Fully masked rows (pad queries) get finfo.min scores,
+    softmax column without value. ``softcap`` caps the scaled scores, ``c * tanh(s / c)``, before the
+    bias and the mask are added (Gemma 2). Fully masked rows (pad queries) get finfo.min scores,
     not -inf, so they stay finite as in transformers' eager masks.
     """
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -95,10 +96,13 @@ def dense_attention(query, key, value, mask, *, scaling, dropout, alibi_slopes, 
         bias = torch.where(mask, bias, min_value)
     else:
         bias = (bias + mask[..., -kv_len:].to(query.dtype)).clamp(min=min_value)
-    if use_sdpa and sink_logits is None:
+    if use_sdpa and sink_logits is None and softcap is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling + bias
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + bias
     if sink_logits is not None:
         sink_column = sink_logits.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         scores = torch.cat([scores, sink_column], dim=-1)
@@ -108,10 +112,11 @@ def dense_attention(query, key, value, mask, *, scaling, dropout, alibi_slopes, 
     return out.transpose(1, 2).contiguous(), weights
 
 
-def flex_path(query, key, value, *, scaling, window, sink_tokens, alibi_slopes, sink_logits, cu_seqlens):
+def flex_path(query, key, value, *, scaling, window, sink_tokens, alibi_slopes, sink_logits, cu_seqlens, softcap=None):
     """``flex_attention`` with a BlockMask for causal + window + sinks (+ documents); ``[B, N, Hq, D]``.
 
-    Compiled on CUDA; eager (slow, forward only in practice) on the CPU. Sink logits use
+    Compiled on CUDA; eager (slow, forward only in practice) on the CPU. ``softcap`` caps the scaled
+    score before the ALiBi bias, as :func:`dense_attention` does. Sink logits use
     flex's log-sum-exp: softmax over [scores, sink] = softmax(scores) * sigmoid(lse - sink).
     """
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
@@ -134,11 +139,15 @@ def flex_path(query, key, value, *, scaling, window, sink_tokens, alibi_slopes, 
         return ok
 
     score_mod = None
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.to(device=query.device, dtype=torch.float32)
+    slopes = None if alibi_slopes is None else alibi_slopes.to(device=query.device, dtype=torch.float32)
+    if slopes is not None or softcap is not None:
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score - slopes[h] * (q_idx + offset - kv_idx)
+            if softcap is not None:
+                score = torch.tanh(score / softcap) * softcap
+            if slopes is not None:
+                score = score - slopes[h] * (q_idx + offset - kv_idx)
+            return score
 
     run = flex_attention if not query.is_cuda else torch.compile(flex_attention)
     block_mask = create_block_mask(mask_mod, None, None, q_len, kv_len, device=query.device)
