@@ -36,9 +36,10 @@ def explicit_mask(n: int, window: int, sinks: int) -> torch.Tensor:
 
 
 def reference_logits(model, ids, window=W, sinks=S, **kwargs):
-    """The unpatched model's own attention with the hand-made mask."""
-    return model(ids, attention_mask=explicit_mask(ids.shape[1], window, sinks).expand(ids.shape[0], 1, -1, -1),
-                 use_cache=False, **kwargs).logits
+    """The unpatched model's own attention with the hand-made mask (additive: eager attention adds it)."""
+    visible = explicit_mask(ids.shape[1], window, sinks).expand(ids.shape[0], 1, -1, -1)
+    mask = torch.zeros(visible.shape, dtype=model.dtype).masked_fill(~visible, torch.finfo(model.dtype).min)
+    return model(ids, attention_mask=mask, use_cache=False, **kwargs).logits
 
 
 def randomize_sinks(model):

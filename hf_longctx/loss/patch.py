@@ -107,7 +107,8 @@ def _check(model: nn.Module, section: LossSpec, spec) -> None:
     if not isinstance(head, nn.Linear):
         raise SpecError(f"'loss' needs the output embedding to be an nn.Linear; {type(model).__name__} has "
                         f"{type(head).__name__} (is lm_head a LoRA target?)")
-    if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
+    parameters = inspect.signature(type(model).forward).parameters
+    if "logits_to_keep" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         raise SpecError(f"'loss' is not supported for model_type '{name}': its forward has no logits_to_keep, "
                         "so the full logits could not be skipped")
     if getattr(model.config, "output_router_logits", None) is not None and _router_aux_coef(model) is None:

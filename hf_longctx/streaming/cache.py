@@ -147,14 +147,15 @@ class SinkCacheLayer(CacheLayerMixin):
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         inv_freq: torch.Tensor | None = None,
-        cache_positions: bool = False,
+        start_position: int | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evict, re-rotate the kept keys to their StreamingLLM positions, append; return all keys/values.
 
         key_states/value_states: ``[B, H, c, D]`` the new tokens (keys rotated at their positions).
         ``inv_freq``: ``[R/2]`` the model's current rotary frequencies (None: no rotary embedding).
-        ``cache_positions``: the new tokens sit at ``kept_length`` (else at ``seen``).
+        ``start_position``: the position of the first new token (None: ``seen``); the kept keys are moved to
+        the positions right before it.
         Returns views ``[B, H, kept + c, D]`` of the cache, valid until the next update.
         """
         if not self.is_initialized:
@@ -166,7 +167,7 @@ class SinkCacheLayer(CacheLayerMixin):
             self.key_buffer, self.value_buffer = self.key_buffer.clone(), self.value_buffer.clone()
         num_new = key_states.shape[-2]
         keep = self.kept_length(num_new)
-        target_offset = (keep if cache_positions else self.seen) - keep
+        target_offset = (self.seen if start_position is None else start_position) - keep
         frequencies_changed = self._frequencies_changed(inv_freq)
         if frequencies_changed or (self.has_pads and keep < self.length):
             old_positions = self._evict_rows(keep) + self.offset  # [B, keep]
@@ -342,55 +343,82 @@ class SinkCache(Cache):
             raise ValueError(f"num_sink_tokens must be an int >= 0, got {num_sink_tokens!r}")
         if not isinstance(window_length, int) or window_length < 1:
             raise ValueError(f"window_length must be an int >= 1, got {window_length!r}")
-        super().__init__(layer_class_to_replicate=partial(SinkCacheLayer, num_sink_tokens, window_length))
+        super().__init__(layer_class_to_replicate=self._new_layer)
         self.num_sink_tokens = num_sink_tokens
         self.window_length = window_length
         self.position_frame: Literal["absolute", "cache"] = "absolute"
         self._model_ref = None
-        self._step_inv_freq: torch.Tensor | None = None
+        self._left_padding: torch.Tensor | None = None
+        self._native_windows: list[int | None] = []  # per layer of the bound model (None: full attention)
+        self._layer_types: list[str | None] = []
+        self._step_inv_freq: dict[str | None, torch.Tensor | None] = {}
+        self._step_start = 0
         if model is not None:
             self.bind(model)
 
     def bind(self, model: nn.Module, position_frame: Literal["absolute", "cache"] | None = None) -> "SinkCache":
-        """Use ``model``'s rotary embedding (looked up on each update); optionally set the position frame."""
+        """Use ``model``'s rotary embedding (looked up on each update) and its layers' native windows;
+        optionally set the position frame."""
         if self._model_ref is None or self._model_ref() is not model:
             get_family(model)
             self._model_ref = weakref.ref(model)
+            config = model.config
+            layer_types = getattr(config, "layer_types", None)
+            window = getattr(config, "sliding_window", None)
+            self._layer_types = list(layer_types or [None] * config.num_hidden_layers)
+            self._native_windows = [window if kind in (None, "sliding_attention") else None
+                                    for kind in self._layer_types]
         if position_frame is not None:
             self.position_frame = position_frame
         return self
+
+    def _new_layer(self) -> SinkCacheLayer:
+        """The next layer: sinks + window, or the layer's own native window where that is no wider
+        (hybrid models' local layers keep exactly their native attention)."""
+        index = len(self.layers)
+        native = self._native_windows[index] if index < len(self._native_windows) else None
+        if native is not None and native <= self.num_sink_tokens + self.window_length:
+            layer = SinkCacheLayer(0, native, self._left_padding)
+        else:
+            layer = SinkCacheLayer(self.num_sink_tokens, self.window_length, self._left_padding)
+        layer.is_sliding = native is not None  # transformers builds each mask type from a layer of that type
+        return layer
 
     def set_left_padding(self, pad_counts: torch.Tensor) -> None:
         """Leading pad tokens per row (``[B]``) of the first input; call before the first update."""
         if self.get_seq_length() > 0:
             raise ValueError("set_left_padding must be called before the first update of the cache")
-        self.layer_class_to_replicate = partial(
-            SinkCacheLayer, self.num_sink_tokens, self.window_length, pad_counts.detach().to(torch.long)
-        )
+        self._left_padding = pad_counts.detach().to(torch.long)
         self.layers = []
 
     def kept_length(self, num_new_tokens: int) -> int:
-        """Cached tokens that a step of ``num_new_tokens`` tokens attends to (position of its first token
-        in the ``"cache"`` frame)."""
-        return self.layers[0].kept_length(num_new_tokens) if self.layers else 0
+        """Cached tokens that a step of ``num_new_tokens`` tokens attends to in the layers that keep the most
+        (position of its first token in the ``"cache"`` frame)."""
+        return max((layer.kept_length(num_new_tokens) for layer in self.layers), default=0)
 
-    def _inv_freq(self) -> torch.Tensor | None:
+    def _inv_freq(self) -> dict[str | None, torch.Tensor | None]:
+        """Layer type -> the rotary frequencies of the layers of that type (one rotary per type, as in
+        Gemma 3, or one for all)."""
         model = self._model_ref() if self._model_ref is not None else None
-        if model is None:
-            return None
-        rotary = get_family(model).rotary_embedding(model)
-        return None if rotary is None else rotary.inv_freq
+        rotary = None if model is None else get_family(model).rotary_embedding(model)
+        if rotary is None:
+            return {}
+        return {kind: getattr(rotary, f"{kind}_inv_freq") if hasattr(rotary, f"{kind}_inv_freq") else rotary.inv_freq
+                for kind in set(self._layer_types) or {None}}
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if layer_idx == 0:  # once per forward: the rotary embedding has run and is the same for all layers
+        if layer_idx == 0:  # once per forward, before any layer moved: the rotary embedding has run
             self._step_inv_freq = self._inv_freq()
+            num_new = key_states.shape[-2]
+            self._step_start = self.kept_length(num_new) if self.position_frame == "cache" else self.get_seq_length()
+        kind = self._layer_types[layer_idx] if layer_idx < len(self._layer_types) else None
         # Cache.update creates the layers on first use; the caller's cache kwargs are not needed here.
         return super().update(
             key_states,
             value_states,
             layer_idx,
-            inv_freq=self._step_inv_freq,
-            cache_positions=self.position_frame == "cache",
+            inv_freq=self._step_inv_freq.get(kind),
+            start_position=self._step_start,
         )
 
     def cached_lengths(self) -> list[int]:

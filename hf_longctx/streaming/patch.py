@@ -16,6 +16,12 @@ to ``S + W`` in one pass (no eviction: exactly the dense model), then the rest i
 last ``W - c`` cached tokens and the chunk's tokens up to itself: the sinks are always in
 view, at most ``S + W`` keys are attended, and ``prefill_chunk = 1`` is exactly StreamingLLM's
 one token at a time. No mask beyond the plain causal one is needed.
+
+Native windows (Mistral, and the local layers of hybrid models: Gemma 2/3, gpt-oss, Qwen with
+``max_window_layers``): a layer whose native sliding window is no wider than ``S + W`` keeps it,
+without sinks, in a cache of its own window (the model's own sliding mask applies); the other
+layers keep the sinks and the recent window. Every layer's keys end right before the new tokens,
+so local layers see their true distances.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ def streaming_forward(
             cache.set_left_padding(_left_padding(attention_mask))
     capacity = cache.num_sink_tokens + cache.window_length
     chunk = prefill_chunk or default_prefill_chunk(cache.window_length)
-    room = capacity - (cache.cached_lengths() or [0])[0]  # tokens that fit without any eviction
+    room = capacity - max(cache.cached_lengths(), default=0)  # tokens that fit without any eviction
     first = min(length, room if room > 0 else chunk)
     sizes = [first] + [min(chunk, length - start) for start in range(first, length, chunk)]
     keep_last_only = isinstance(logits_to_keep, int) and 0 < logits_to_keep <= sizes[-1]
@@ -109,12 +115,9 @@ def _check(model: nn.Module, section: StreamingSpec, spec) -> None:
     if not hasattr(model, "generate"):
         raise SpecError(f"'streaming' needs a causal LM with generate(); got {type(model).__name__}")
     own_window = getattr(model.config, "sliding_window", None)
-    if own_window is not None and own_window < section.sink_tokens + section.window:
-        raise SpecError(
-            f"the model's own sliding_window={own_window} is smaller than streaming.sink_tokens + streaming.window "
-            f"= {section.sink_tokens + section.window}: its mask would hide the sinks; use a window of at most "
-            f"{own_window - section.sink_tokens} or a model config without sliding_window"
-        )
+    if own_window is not None and own_window <= section.sink_tokens + section.window:
+        logger.info("streaming: layers with the native window %d keep it (no sinks); the others keep %d sinks + "
+                    "%d recent tokens", own_window, section.sink_tokens, section.window)
 
 
 def _apply(model: nn.Module, section: StreamingSpec, spec) -> Applied:
