@@ -173,6 +173,11 @@ class _PatchState:
                 self.chains[key] = _CallChain(wrap.owner, wrap.method)
             self.chains[key].add(order, wrap.wrapper)
 
+    def __deepcopy__(self, memo):
+        # The contributions hold the patched model itself: a copy would run the original's call path.
+        raise TypeError("a model patched by hf_longctx cannot be deep-copied: copy it before patching, or patch the "
+                        "copy with hf_longctx.patch(copy, hf_longctx.applied_sections(model))")
+
     def remove_wraps(self, applied: Applied) -> None:
         for wrap in applied.wraps:
             key = (id(wrap.owner), wrap.method)

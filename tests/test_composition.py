@@ -273,3 +273,11 @@ def test_orders_and_sections_are_unique():
 
     with pytest.raises(ValueError, match="order 30 of 'other' is taken by 'loss'"):
         patching.register_technique(dataclasses.replace(technique, section="other"))
+
+
+def test_a_patched_model_refuses_to_be_deep_copied():
+    """Its call path belongs to the original: a copy would silently run the original's weights."""
+    model = tiny_model("llama")
+    hl.patch(model, {"moe": SECTIONS["moe"]})
+    with pytest.raises(TypeError, match="cannot be deep-copied"):
+        copy.deepcopy(model)

@@ -166,7 +166,8 @@ def test_use_chunked_loss_matches_model_loss_and_parameter_gradients(model_type)
     model.config.use_cache = False
     expected = model(**batch).loss
     expected_grads = torch.autograd.grad(expected, list(model.parameters()))
-    undo = use_chunked_loss(model, chunk_size=5)
+    assert use_chunked_loss(model, chunk_size=5) is model
+    assert hf_longctx.applied_sections(model) == {"loss": {"chunk_size": 5}}
     out = model(**batch)
     assert out.logits is None
     grads = torch.autograd.grad(out.loss, list(model.parameters()))
@@ -175,7 +176,7 @@ def test_use_chunked_loss_matches_model_loss_and_parameter_gradients(model_type)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():  # without labels: the original forward, logits included
         assert model(input_ids=batch["input_ids"]).logits.shape == (1, 48, 128)
-    undo()
+    hf_longctx.unpatch(model)
     assert "forward" not in vars(model) and "forward" not in vars(model.get_output_embeddings())
 
 
@@ -187,12 +188,14 @@ def test_parse_args_reads_yaml_and_command_line_overrides(tmp_path):
         ["--config", str(TINY), "--output_dir", str(tmp_path), "--learning_rate", "1e-4", "--lora", "true",
          "--patch", '{"rope": {"type": "linear", "factor": 2.0}}', "--lora_target_modules", "q_proj", "v_proj"]
     )
-    assert model_args.model_config["model_type"] == "llama" and model_args.loss_chunk_size == 128
-    assert model_args.patch == {"rope": {"type": "linear", "factor": 2.0}}
+    assert model_args.model_config["model_type"] == "llama"
+    assert model_args.patch == {"rope": {"type": "linear", "factor": 2.0}}  # the command line replaces the config's
     assert data_args.context_length == 256 and data_args.dataset.endswith("tiny.jsonl")
     assert lora_args.lora and lora_args.lora_target_modules == ["q_proj", "v_proj"]
     assert training_args.learning_rate == 1e-4 and training_args.max_steps == 20
     assert training_args.output_dir == str(tmp_path)
+    model_args, *_ = parse_args(["--config", str(TINY), "--output_dir", str(tmp_path)])
+    assert model_args.patch == {"rope": {"type": "yarn", "factor": 4.0}, "loss": {"chunk_size": 128}}
 
 
 def test_parse_args_rejects_unknown_config_key(tmp_path):

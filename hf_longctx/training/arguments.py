@@ -55,10 +55,6 @@ class ModelArguments:
         metadata={"help": "Dtype of the loaded weights (float32 master weights; bf16 compute comes from mixed precision)."},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "transformers attention implementation."})
-    loss_chunk_size: int = field(
-        default=4096,
-        metadata={"help": "Tokens per chunk of the cross-entropy over hidden states; 0 uses the model's own loss."},
-    )
 
     def __post_init__(self):
         if (self.model_name_or_path is None) == (self.model_config is None):
@@ -68,8 +64,6 @@ class ModelArguments:
             )
         self.model_config = _mapping(self.model_config, "model_config")
         self.patch = _mapping(self.patch, "patch")
-        if self.loss_chunk_size < 0:
-            raise ValueError(f"loss_chunk_size must be >= 0 (0: the model's own loss), got {self.loss_chunk_size}")
 
 
 @dataclass

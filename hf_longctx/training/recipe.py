@@ -32,7 +32,6 @@ from ..patching import patch
 from .arguments import DataArguments, LoraArguments, ModelArguments, parse_args
 from .data import load_documents, packed_dataset, tokenize_documents
 from .fsdp import check_sharded, enable_cpu_fsdp, fsdp_requested, prepare_cpu_fsdp
-from .loss import use_chunked_loss
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +162,6 @@ def run(
     _move_activation_checkpointing_to_fsdp(training_args)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
     model = load_model(model_args, training_args.seed)
-    if model_args.loss_chunk_size:
-        use_chunked_loss(model, model_args.loss_chunk_size)
     if lora_args.lora:
         model = add_lora(model, lora_args)
     train_dataset = build_dataset(data_args, tokenizer, training_args)
