@@ -39,9 +39,10 @@ def fresh(model, ids, sinks, window):
 def streaming_pair(model_type="llama", patched=True, rope=None, sinks=S, window=W, **overrides):
     """(streaming model, unpatched oracle copy, cache)."""
     model = tiny_model(model_type, **overrides)
+    oracle = copy.deepcopy(model)
     if rope is not None:
         hf_longctx.patch(model, {"rope": rope})
-    oracle = copy.deepcopy(model)
+        hf_longctx.patch(oracle, {"rope": rope})
     if patched:
         hf_longctx.patch(model, {"streaming": {"sink_tokens": sinks, "window": window}})
         return model, oracle, SinkCache(sinks, window)
@@ -284,10 +285,22 @@ def test_patch_save_reload_unpatch(tmp_path):
 def test_spec_validation():
     with pytest.raises(SpecError, match="prefill_chunk"):
         hf_longctx.load_spec({"streaming": {"window": 8, "prefill_chunk": 9}})
-    with pytest.raises(SpecError, match="sliding_window=16"):
-        hf_longctx.patch(tiny_model("mistral", sliding_window=16), {"streaming": {"sink_tokens": 4, "window": 16}})
     with pytest.raises(ValueError, match="window_length"):
         SinkCache(4, 0)
+
+
+def test_a_native_window_no_wider_than_the_stream_stays_native():
+    """Mistral trained with window 16, streaming 4 + 16: every layer keeps its native window (no sinks), so
+    generation far past the window equals the native model's, with a cache of at most 16 tokens."""
+    native = tiny_model("mistral", sliding_window=16)
+    model = copy.deepcopy(native)
+    hf_longctx.patch(model, {"streaming": {"sink_tokens": 4, "window": 16}})
+    ids = tokens(2, 10)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, native.generate(ids, max_new_tokens=30, do_sample=False))
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert isinstance(cache, SinkCache) and max(cache.cached_lengths()) <= 16
 
 
 # --- streaming perplexity ---------------------------------------------------------------------------
@@ -337,7 +350,8 @@ def test_long_stream_re_rotation_stays_as_exact_as_float32_rope():
     inserted = exact_rotation(raw_keys, slots, rotary.inv_freq).float()
     layer = SinkCacheLayer(sinks, window)
     for t in range(steps):
-        layer.update(inserted[:, :, t : t + 1], values[:, :, t : t + 1], inv_freq=rotary.inv_freq, cache_positions=True)
+        layer.update(inserted[:, :, t : t + 1], values[:, :, t : t + 1], inv_freq=rotary.inv_freq,
+                     start_position=layer.kept_length(1))
     kept = kept_indices(steps - 1, sinks, window)
     exact = exact_rotation(raw_keys[:, :, kept], torch.arange(sinks + window), rotary.inv_freq)
     cos, sin = rotary(values, torch.arange(sinks + window)[None])
