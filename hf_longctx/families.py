@@ -295,11 +295,12 @@ def _interface_model_types() -> frozenset[str]:
     import importlib.util
     from pathlib import Path
 
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     found = set()
     for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        module = model_type.replace("-", "_")
+        module = model_type_to_module_name(model_type)
         spec = importlib.util.find_spec(f"transformers.models.{module}")
         source = Path(next(iter(spec.submodule_search_locations))) / f"modeling_{module}.py" if spec else None
         if source is not None and source.is_file() and "ALL_ATTENTION_FUNCTIONS" in source.read_text():
