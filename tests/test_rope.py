@@ -12,7 +12,6 @@ from hf_longctx.testing import tiny_config, tiny_model
 
 TRAINED = 64  # max_position_embeddings of the tiny configs
 LONG = 4 * TRAINED  # inputs four times longer than the trained length
-THETA = 10000.0
 INIT = 0.2  # larger than the default 0.02 init, so that rotations move the logits well above the tolerance
 
 
@@ -26,12 +25,13 @@ def native_rope(model_type, rope_type, factor):
     """The config a model declaring this rope type natively has, written out by hand."""
     _, rotary = head_and_rotary_dim(model_type)
     partial = tiny_config(model_type).rope_parameters.get("partial_rotary_factor")
-    params = {"rope_theta": THETA}
+    theta = tiny_config(model_type).rope_parameters["rope_theta"]
+    params = {"rope_theta": theta}
     if partial is not None:
         params["partial_rotary_factor"] = partial
     max_positions = int(TRAINED * factor)
     if rope_type == "ntk":
-        params.update(rope_type="default", rope_theta=THETA * factor ** (rotary / (rotary - 2)))
+        params.update(rope_type="default", rope_theta=theta * factor ** (rotary / (rotary - 2)))
     elif rope_type == "linear":
         params.update(rope_type="linear", factor=factor)
     elif rope_type == "dynamic":
