@@ -315,8 +315,8 @@ def run_model_type(model_type: str) -> Row:
     try:
         with _time_limit(TIMEOUT_S):
             model = build(model_type)
-            with torch.no_grad():
-                model(_tokens(4, model.config.get_text_config(decoder=True).vocab_size))
+            with torch.no_grad():  # transformers itself must run the longest input (absolute positions may not)
+                model(_tokens(LONG, model.config.get_text_config(decoder=True).vocab_size))
     except Exception as err:  # noqa: BLE001  the tiny model itself does not build or run: no cell to fill
         row.built = f"{type(err).__name__}: {_one_line(err)}"
         row.seconds = time.perf_counter() - start

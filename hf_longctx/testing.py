@@ -97,6 +97,10 @@ def tiny_config(model_type: str, **overrides: Any):
     if model_type == "gpt_neox":
         kwargs.update(use_parallel_residual=True)
     kwargs.update(overrides)
+    if "num_hidden_layers" in overrides:  # the per-layer lists follow a layer count given by the caller
+        count = overrides["num_hidden_layers"]
+        for key in set(sample if isinstance(default_layers, int) else ()) - set(overrides):
+            kwargs[key] = [kwargs[key][i % len(kwargs[key])] for i in range(count)]
     if text_key is None:
         return AutoConfig.for_model(model_type, **kwargs)
     towers = {key: {**value, **_shrunk(value, _TOWER_SIZES, CONFIG_MAPPING[value["model_type"]].attribute_map)}
