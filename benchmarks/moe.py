@@ -51,7 +51,7 @@ def run(device: torch.device, args) -> list[tuple[str, float]]:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate)
     dense = LlamaMLP(config).to(device)
-    moe = SparseMoeBlock.from_dense(dense, "swiglu", num_experts=8, top_k=2, noise=0.01).to(device)
+    moe = SparseMoeBlock.from_dense(dense, "gated", num_experts=8, top_k=2, noise=0.01).to(device)
     x = torch.randn(1, args.tokens, args.hidden, device=device)
     grad = torch.randn_like(x)
     # The MoE output must be the Mixtral block's before its time means anything.

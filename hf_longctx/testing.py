@@ -12,32 +12,102 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .families import get_family
 
 _SIZES: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
     num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
     vocab_size=128,
     max_position_embeddings=64,
     pad_token_id=0,
     bos_token_id=1,
     eos_token_id=2,
 )
+# Sizes of the keys that MoE, MLA and partial-rotary configs add (each set only where the config has it).
+_EXTRA_SIZES: dict[str, Any] = dict(
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    rotary_dim=8,
+)
+# A tower beside the text model (vision, audio) only has to exist: one narrow layer.
+_TOWER_SIZES: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+    depth=1, num_layers=1,
+)
+
+
+def _shrunk(defaults: dict[str, Any], sizes: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    """The values of ``sizes`` for the keys ``defaults`` has, directly or through the config class's
+    ``attribute_map`` (``aliases``: hidden_size -> n_embd); never new keys (some are read-only properties)."""
+    out = {aliases.get(k, k): v for k, v in sizes.items() if aliases.get(k, k) in defaults}
+    if "qk_rope_head_dim" in defaults:
+        out.pop("head_dim", None)  # MLA: the head dims are the qk_* / v_head_dim keys
+    return out
+
+
+def _per_layer_sample(defaults: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Per-layer lists (``layer_types``, ``no_rope_layers``, ...) cut to one layer of each distinct value.
+
+    A 2-layer sample of a 6-layer pattern would otherwise keep only its first kind (five sliding
+    layers, then one full): the tiny model must have every kind of layer of the real one.
+    """
+    out = {}
+    for key, value in defaults.items():
+        if isinstance(value, list) and len(value) == num_layers and num_layers > 1:
+            hashable = [str(v) for v in value]
+            firsts = sorted({hashable.index(v) for v in hashable})
+            out[key] = [value[i] for i in firsts]
+    return out
 
 
 def tiny_config(model_type: str, **overrides: Any):
-    """A small config of ``model_type`` (hidden 64, 2 layers, 4 heads, 2 KV heads, 64 trained positions)."""
-    kwargs = dict(_SIZES)
+    """A small config of ``model_type``: hidden 64, 2 layers (one more per further kind of layer), 4 heads,
+    2 KV heads, head_dim 16, vocab 128, 64 trained positions, MoE/MLA keys shrunk; towers beside the
+    text model (vision, audio) one narrow layer. ``overrides`` go to the text config last."""
+    from transformers import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    defaults = config_class().to_dict()
+    text_key = next((k for k in ("text_config", "language_config", "llm_config") if isinstance(defaults.get(k), dict)),
+                    None)
+    text_defaults = defaults[text_key] if text_key else defaults
+    text_class = CONFIG_MAPPING[text_defaults["model_type"]] if text_key else config_class
+    kwargs = _shrunk(text_defaults, {**_SIZES, **_EXTRA_SIZES}, text_class.attribute_map)
+    default_layers = text_defaults.get("num_hidden_layers")
+    if isinstance(default_layers, int):
+        sample = _per_layer_sample(text_defaults, default_layers)
+        num_layers = max([2] + [len(v) for v in sample.values()])
+        kwargs.update({key: value + value[-1:] * (num_layers - len(value)) for key, value in sample.items()})
+        kwargs["num_hidden_layers"] = num_layers
     if model_type == "gpt_neox":
         kwargs.update(use_parallel_residual=True)
-    else:
-        kwargs.update(num_key_value_heads=2, head_dim=16)
     kwargs.update(overrides)
-    config = AutoConfig.for_model(model_type, **kwargs)
-    get_family(config)
-    return config
+    if "num_hidden_layers" in overrides:  # the per-layer lists follow a layer count given by the caller
+        count = overrides["num_hidden_layers"]
+        for key in set(sample if isinstance(default_layers, int) else ()) - set(overrides):
+            kwargs[key] = [kwargs[key][i % len(kwargs[key])] for i in range(count)]
+    if text_key is None:
+        return AutoConfig.for_model(model_type, **kwargs)
+    towers = {key: {**value, **_shrunk(value, _TOWER_SIZES, CONFIG_MAPPING[value["model_type"]].attribute_map)}
+              for key, value in defaults.items()
+              if isinstance(value, dict) and value.get("model_type") in CONFIG_MAPPING and key != text_key}
+    top = _shrunk(defaults, {k: v for k, v in _SIZES.items() if k.endswith("token_id")}, config_class.attribute_map)
+    return AutoConfig.for_model(model_type, **top, **towers, **{text_key: {**text_defaults, **kwargs}})
 
 
 def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **overrides: Any) -> PreTrainedModel:

@@ -8,6 +8,7 @@ from conftest import tokens
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 import hf_longctx as hl
+from hf_longctx.families import get_family
 from hf_longctx.positions import alibi_slopes
 from hf_longctx.testing import tiny_model
 
@@ -107,3 +108,34 @@ def test_alibi_turns_rotation_off():
     rotary = model.model.rotary_emb
     cos, sin = rotary(torch.zeros(1, 5, 64), torch.arange(5)[None])
     assert torch.equal(cos, torch.ones_like(cos)) and torch.equal(sin, torch.zeros_like(sin))
+
+
+def test_models_with_nope_layers_need_to_be_told_which_layers_to_bias():
+    model = tiny_model("smollm3", initializer_range=0.2)  # no_rope_layers [1, 0]: layer 1 is NoPE
+    assert get_family(model).nope_layers(model) == [1]
+    with pytest.raises(hl.SpecError, match=r"NoPE layers \[1\].*alibi.layers"):
+        hl.patch(model, "alibi")
+    x = tokens(length=24)
+    with torch.no_grad():
+        hl.patch(model, {"alibi": {"layers": [0]}})
+        only_first = model(x).logits
+        hl.unpatch(model)
+        hl.patch(model, {"alibi": {"layers": "all"}})
+        both = model(x).logits
+    attention = get_family(model).attention_modules(model)
+    assert torch.equal(attention[0].hf_longctx_alibi_slopes, alibi_slopes(4))
+    assert torch.equal(attention[1].hf_longctx_alibi_slopes, alibi_slopes(4))
+    assert torch.isfinite(both).all() and (both - only_first).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "stablelm"])  # per-layer-type rotary; partial rotary
+def test_identity_rotation_keeps_every_layout(model_type):
+    """The identity rotary is the model's own evaluated at position 0: cos 1 and sin 0 in the rotated
+    dimensions, whatever their number and layer type, so attention scores equal unrotated q.k."""
+    model = tiny_model(model_type)
+    hl.patch(model, "alibi")
+    for rotary in get_family(model).rotary_embeddings(model).values():
+        kwargs = {"layer_type": "full_attention"} if model_type == "gemma3_text" else {}
+        cos, sin = rotary(torch.zeros(1, 5, 64), torch.arange(5)[None], **kwargs)
+        assert torch.equal(cos, torch.ones_like(cos)) and torch.equal(sin, torch.zeros_like(sin))
+    assert torch.isfinite(model(tokens(length=20)).logits).all()

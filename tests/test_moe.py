@@ -61,7 +61,7 @@ def test_partition_with_all_experts_gives_the_dense_logits(model_type):
 def test_block_matches_mixtral_block_forward_and_backward(backend, num_tokens):
     llama = model("llama")
     dense = get_family(llama).mlp_modules(llama)[0]
-    block = SparseMoeBlock.from_dense(dense, "swiglu", num_experts=8, top_k=2, noise=0.3)
+    block = SparseMoeBlock.from_dense(dense, "gated", num_experts=8, top_k=2, noise=0.3)
     block.experts.backend = backend
     twin = mixtral_block(block)  # transformers' eager loop over experts: the plainest reference
     x = torch.randn(1, num_tokens, 64)
@@ -85,14 +85,14 @@ def family_expert_mlps(dense, kind, experts):
     mlps, pairs = [], []
     for e in range(experts.num_experts):
         mlp = copy.deepcopy(dense)
-        if kind == "gelu":
+        if kind == "plain":
             links = [
                 (mlp.dense_h_to_4h.weight, experts.up_proj, e),
                 (mlp.dense_h_to_4h.bias, experts.up_proj_bias, e),
                 (mlp.dense_4h_to_h.weight, experts.down_proj, e),
                 (mlp.dense_4h_to_h.bias, experts.down_proj_bias, e),
             ]
-        elif kind == "fused_swiglu":
+        elif kind == "fused_gated":
             links = [(mlp.gate_up_proj.weight, experts.gate_up_proj, e), (mlp.down_proj.weight, experts.down_proj, e)]
         else:
             size = mlp.intermediate_size
@@ -159,7 +159,7 @@ def test_distinct_experts_match_the_family_mlp_weighted_by_the_router(model_type
 def test_loop_backend_with_frozen_experts_gives_input_and_router_gradients_only():
     """LoRA-style training freezes the experts: no expert gradient is made, the rest is unchanged."""
     llama = model("llama")
-    block = SparseMoeBlock.from_dense(get_family(llama).mlp_modules(llama)[0], "swiglu", 4, 2, noise=0.3)
+    block = SparseMoeBlock.from_dense(get_family(llama).mlp_modules(llama)[0], "gated", 4, 2, noise=0.3)
     x = torch.randn(1, 50, 64)
     grad = torch.randn_like(x)
     grads = {}
@@ -184,7 +184,7 @@ def test_backend_choice_and_autocast():
         resolve_backend("fast", x, weight)
     # Under autocast the block runs (matmuls in bf16) and returns the input's dtype, close to float32.
     llama = model("llama")
-    block = SparseMoeBlock.from_dense(get_family(llama).mlp_modules(llama)[0], "swiglu", 4, 2, noise=0.3)
+    block = SparseMoeBlock.from_dense(get_family(llama).mlp_modules(llama)[0], "gated", 4, 2, noise=0.3)
     inp = torch.randn(1, 20, 64)
     with torch.no_grad():
         full = block(inp)

@@ -2,8 +2,12 @@
 
 ``SparseMoeBlock`` keeps transformers' names (``gate.weight`` ``[E, H]``,
 ``experts.gate_up_proj`` ``[E, 2I, H]``, ``experts.down_proj`` ``[E, H, I]``; ``experts.up_proj``
-``[E, I, H]`` for ungated GELU MLPs; ``*_bias`` where the dense MLP has biases), so that its
+``[E, I, H]`` for plain two-layer MLPs; ``*_bias`` where the dense MLP has biases), so that its
 state dict is the one of a Mixtral / Qwen-MoE sparse block.
+
+Dense MLPs come in three forms (``DENSE_LAYOUTS``), each with biases or not and any activation
+the MLP holds: gated (``gate_proj``/``up_proj``/``down_proj``), fused gated (``gate_up_proj``) and
+plain two-layer (``fc1``/``fc2``, ``c_fc``/``c_proj``, ``dense_h_to_4h``/``dense_4h_to_h``, ``up_proj``/``down_proj``).
 
 Two initialisations (``MoEExperts.from_dense``):
 
@@ -27,15 +31,80 @@ from torch import nn
 
 from .dispatch import Backend, experts_forward, route
 
-MlpKind = Literal["swiglu", "fused_swiglu", "gelu"]
+MlpKind = Literal["gated", "fused_gated", "plain"]
 
-# Where each kind of dense MLP keeps its input projections (concatenated in this order),
-# its output projection and its activation.
-DENSE_LAYOUT: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "swiglu": (("gate_proj", "up_proj"), "down_proj", "act_fn"),
-    "fused_swiglu": (("gate_up_proj",), "down_proj", "activation_fn"),  # rows: gate, then up
-    "gelu": (("dense_h_to_4h",), "dense_4h_to_h", "act"),
-}
+
+@dataclass(frozen=True)
+class DenseLayout:
+    """Where a dense MLP keeps its input projection(s) (concatenated in this order) and its output one."""
+
+    kind: MlpKind  # gated: out(act(gate(x)) * up(x)); fused_gated: one projection, gate rows then up rows;
+    in_names: tuple[str, ...]  # plain: out(act(in(x)))
+    out_name: str
+
+
+# Checked in order: a gated MLP also has an up_proj/down_proj pair.
+DENSE_LAYOUTS: tuple[DenseLayout, ...] = (
+    DenseLayout("gated", ("gate_proj", "up_proj"), "down_proj"),  # Llama, Qwen, Gemma, ...
+    DenseLayout("gated", ("w1", "w3"), "w2"),
+    DenseLayout("fused_gated", ("gate_up_proj",), "down_proj"),  # Phi-3, GLM
+    DenseLayout("plain", ("fc1",), "fc2"),  # Phi, NanoChat
+    DenseLayout("plain", ("c_fc",), "c_proj"),  # StarCoder2, GPT-2 (Conv1D)
+    DenseLayout("plain", ("dense_h_to_4h",), "dense_4h_to_h"),  # GPT-NeoX, Persimmon
+    DenseLayout("plain", ("up_proj",), "down_proj"),  # Nemotron, Arcee, MPT
+)
+_ACTIVATION_NAMES = ("act_fn", "activation_fn", "act", "activation", "gelu_impl")
+
+
+def _is_projection(module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _weight(projection: nn.Module) -> torch.Tensor:
+    """``[out, in]``: transformers' Conv1D (GPT-2) stores the transpose of a Linear's weight."""
+    return projection.weight if isinstance(projection, nn.Linear) else projection.weight.t()
+
+
+def dense_layout(mlp: nn.Module) -> DenseLayout | None:
+    """The layout of a dense MLP module, or None (a mixture of experts, or an unknown form).
+
+    A plain-named pair whose input projection is twice as wide as the output projection's input
+    is a fused gated MLP (Moshi's ``fc1`` holds gate and up rows).
+    """
+    for layout in DENSE_LAYOUTS:
+        projections = [getattr(mlp, name, None) for name in (*layout.in_names, layout.out_name)]
+        if all(_is_projection(p) for p in projections):
+            rows = sum(_weight(p).shape[0] for p in projections[:-1])
+            if layout.kind == "plain" and rows == 2 * _weight(projections[-1]).shape[1]:
+                return DenseLayout("fused_gated", layout.in_names, layout.out_name)
+            return layout
+    return None
+
+
+class _Activation(nn.Module):
+    """A plain function (``F.gelu``) held as a module, so that experts can keep it as a submodule."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def mlp_activation(mlp: nn.Module) -> nn.Module | None:
+    """The activation an MLP applies: its one parameter-free child, or an ``act_fn``-like attribute."""
+    children = [c for c in mlp.children() if not any(True for _ in c.parameters())
+                and not isinstance(c, (nn.Dropout, nn.Identity))]
+    if len(children) == 1:
+        return children[0]
+    for name in _ACTIVATION_NAMES:
+        fn = getattr(mlp, name, None)
+        if callable(fn):
+            return fn if isinstance(fn, nn.Module) else _Activation(fn)
+    return None
 
 
 @dataclass
@@ -54,19 +123,35 @@ class DenseMLP:
     gated: bool
 
     @classmethod
-    def from_module(cls, mlp: nn.Module, kind: MlpKind) -> "DenseMLP":
-        in_names, out_name, act_name = DENSE_LAYOUT[kind]
-        ins = [getattr(mlp, name) for name in in_names]
-        out = getattr(mlp, out_name)
+    def from_module(cls, mlp: nn.Module, kind: MlpKind | None = None) -> "DenseMLP":
+        """Read a dense MLP (any layout of ``DENSE_LAYOUTS``); ``kind``, when given, must be its kind."""
+        layout = dense_layout(mlp)
+        act = mlp_activation(mlp)
+        if layout is None or act is None or (kind is not None and layout.kind != kind):
+            found = "no activation" if layout is not None and act is None else f"layout {layout}"
+            raise ValueError(f"{type(mlp).__name__} is not a dense {kind or 'MLP'} of a known form ({found}); "
+                             f"known forms: {', '.join(str(l.in_names + (l.out_name,)) for l in DENSE_LAYOUTS)}")
+        ins = [getattr(mlp, name) for name in layout.in_names]
+        out = getattr(mlp, layout.out_name)
         in_bias = torch.cat([lin.bias for lin in ins]) if ins[0].bias is not None else None
         return cls(
-            in_proj=torch.cat([lin.weight for lin in ins]),
+            in_proj=torch.cat([_weight(lin) for lin in ins]),
             in_bias=in_bias,
-            out_proj=out.weight,
+            out_proj=_weight(out),
             out_bias=out.bias,
-            act=getattr(mlp, act_name),
-            gated=kind != "gelu",
+            act=act,
+            gated=layout.kind != "plain",
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense MLP on ``x`` ``[..., H]`` -> ``[..., H]``, computed from these tensors."""
+        hidden = nn.functional.linear(x, self.in_proj, self.in_bias)
+        if self.gated:
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = self.act(gate) * up
+        else:
+            hidden = self.act(hidden)
+        return nn.functional.linear(hidden, self.out_proj, self.out_bias)
 
     @property
     def intermediate_size(self) -> int:
@@ -167,7 +252,7 @@ class SparseMoeBlock(nn.Module):
     def from_dense(
         cls,
         mlp: nn.Module,
-        kind: MlpKind,
+        kind: MlpKind | None,
         num_experts: int,
         top_k: int,
         init: Literal["copy", "partition"] = "copy",

@@ -14,7 +14,9 @@ import functools
 import logging
 from typing import Any, Literal
 
+import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from ..config_base import SpecError
@@ -22,10 +24,40 @@ from ..families import get_family
 from ..patching import Applied, Technique, Wrap, patch, register_technique
 from .config import MoESpec
 from .export import save_native
-from .layer import DENSE_LAYOUT, SparseMoeBlock
+from .layer import DenseMLP, SparseMoeBlock
 from .losses import with_router_losses
 
 logger = logging.getLogger(__name__)
+
+
+def _is_mixture(mlp: nn.Module) -> bool:
+    """True for an MLP that already routes tokens to experts (Mixtral, Qwen-MoE, gpt-oss, ...)."""
+    return any(name.rpartition(".")[2] in ("experts", "router") or "moe" in type(m).__name__.lower()
+               for name, m in mlp.named_modules())
+
+
+def _check_reproduces(mlp: nn.Module, dense: DenseMLP, index: int) -> None:
+    """Refuse an MLP whose output is not ``dense``'s (an extra norm, scale or residual inside it):
+    the experts would compute something else. Runs the MLP once on 4 random tokens in eval mode."""
+    weight = dense.in_proj
+    if weight.is_meta or isinstance(weight.data, DTensor):
+        return  # meta or sharded weights: nothing to run
+    probe = torch.randn(1, 4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+    training = mlp.training
+    try:
+        mlp.eval()
+        with torch.no_grad():
+            theirs, ours = mlp(probe), dense.forward(probe)
+    except Exception as err:  # noqa: BLE001  any failure means the MLP is not the plain form
+        raise SpecError(f"layer {index}'s MLP ({type(mlp).__name__}) cannot be run on its own "
+                        f"({type(err).__name__}: {err}); only dense MLPs of a known form can be upcycled") from err
+    finally:
+        mlp.train(training)
+    tolerance = (1e-4 if weight.dtype == torch.float32 else 2e-2) * max(1.0, ours.abs().max().item())
+    if not torch.is_tensor(theirs) or theirs.shape != ours.shape or (theirs - ours).abs().max() > tolerance:
+        raise SpecError(f"layer {index}'s MLP ({type(mlp).__name__}) computes more than "
+                        f"{'act(gate) * up' if dense.gated else 'act(in)'} -> out (e.g. a norm inside it); "
+                        "upcycling it would change the model")
 
 
 def _check(model: nn.Module, section: MoESpec, spec) -> None:
@@ -35,20 +67,21 @@ def _check(model: nn.Module, section: MoESpec, spec) -> None:
     bad = [i for i in indices if i >= num_layers]
     if bad:
         raise SpecError(f"'moe.layers' = {section.layers!r} names layer {bad[0]}; this model has layers 0..{num_layers - 1}")
-    in_names, out_name, _ = DENSE_LAYOUT[family.mlp_kind]
     mlps = family.mlp_modules(model)
     for i in indices:
         mlp = mlps[i]
-        if not all(isinstance(getattr(mlp, name, None), nn.Linear) for name in (*in_names, out_name)):
+        if _is_mixture(mlp):
+            raise SpecError(f"layer {i}'s MLP ({type(mlp).__name__}) is already a mixture of experts; "
+                            "'moe' upcycles dense MLPs")
+        try:
+            dense = DenseMLP.from_module(mlp, family.mlp_kind)
+        except ValueError as err:
+            raise SpecError(f"layer {i}'s MLP cannot be upcycled: {err}") from err
+        _check_reproduces(mlp, dense, i)
+        if section.init == "partition" and dense.intermediate_size % section.num_experts:
             raise SpecError(
-                f"layer {i}'s MLP ({type(mlp).__name__}) is not a dense {family.mlp_kind} MLP with "
-                f"{', '.join((*in_names, out_name))}; only dense MLPs can be upcycled"
-            )
-        intermediate = getattr(mlp, out_name).in_features
-        if section.init == "partition" and intermediate % section.num_experts:
-            raise SpecError(
-                f"'moe.num_experts' = {section.num_experts} does not divide the intermediate size {intermediate} "
-                f"of layer {i}; init 'partition' gives each expert an equal share of the neurons"
+                f"'moe.num_experts' = {section.num_experts} does not divide the intermediate size "
+                f"{dense.intermediate_size} of layer {i}; init 'partition' gives each expert an equal share of the neurons"
             )
 
 

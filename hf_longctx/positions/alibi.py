@@ -7,6 +7,10 @@ previous attention implementation (eager or sdpa). Slopes follow the paper, and 
 BLOOM's for any head count: for the closest power of two n <= H, m_h = 2^(-8h/n); the
 remaining heads take every other slope of the 2n sequence.
 
+Every rotary embedding of the model is replaced, so NoPE layers and rotary layers alike see
+no rotation; on a model with NoPE layers ``alibi.layers`` must say which layers get the bias
+(``all``, or a list), the others keep plain attention.
+
 A RoPE-trained model has never seen these biases: it needs fine-tuning after this patch.
 """
 
@@ -20,7 +24,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from ..families import get_family
+from ..config_base import SpecError
+from ..families import get_family, text_config
 from ..patching import Applied, Technique, register_technique
 from .config import AlibiSpec
 from .rope import require_rotary
@@ -97,29 +102,60 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
 
 
 class IdentityRotaryEmbedding(nn.Module):
-    """Drop-in for a rotary embedding that rotates by zero: cos = 1, sin = 0."""
+    """Drop-in for a rotary embedding that rotates by zero: the original evaluated at position 0 for
+    every token (cos = 1, sin = 0 in whatever layout, dimension or layer type the original has; its
+    pass-through dimensions of partial rotary stay as they are)."""
 
     def __init__(self, original: nn.Module):
         super().__init__()
-        self.dim = 2 * original.inv_freq.shape[-1]
-        self.config = original.config
+        self.original = original
+        self.config = getattr(original, "config", None)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        shape = (*position_ids.shape, self.dim)
-        return torch.ones(shape, dtype=x.dtype, device=x.device), torch.zeros(shape, dtype=x.dtype, device=x.device)
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        return self.original(x, torch.zeros_like(position_ids), *args, **kwargs)
+
+
+def biased_layers(model: nn.Module, section: AlibiSpec) -> list[int]:
+    """Indices of the attention layers that get the bias; a SpecError for NoPE layers not asked about."""
+    family = get_family(model)
+    attention = family.attention_layer_indices(model)
+    if section.layers is None:
+        nope = family.nope_layers(model)
+        if nope:
+            raise SpecError(f"this {family.model_type} model has NoPE layers {nope} (no rotation to replace); "
+                            "give 'alibi.layers': 'all' or the list of layers to bias")
+        return attention
+    if section.layers == "all":
+        return attention
+    unknown = [i for i in section.layers if i not in attention]
+    if unknown:
+        raise SpecError(f"'alibi.layers' = {section.layers!r} names layer {unknown[0]}; the attention layers are "
+                        f"{attention}")
+    return sorted(set(section.layers))
+
+
+def _check(model: nn.Module, section: AlibiSpec, spec) -> None:
+    require_rotary(model)
+    biased_layers(model, section)
 
 
 def _apply(model: nn.Module, section: AlibiSpec, spec) -> Applied:
     family = get_family(model)
-    original_rotary = family.rotary_embedding(model)
+    rotaries = family.rotary_embeddings(model)
     original_impl = model.config._attn_implementation
     # An attention backend that reads the slopes itself (hf_longctx.attention) stays in charge.
     keep_impl = getattr(AttentionInterface._global_mapping.get(original_impl), "reads_alibi_slopes", False)
     base_impl = original_impl if original_impl == "eager" else "sdpa"
-    family.set_rotary_embedding(model, IdentityRotaryEmbedding(original_rotary))
-    num_heads = model.config.num_attention_heads
-    for attn in family.attention_modules(model):
-        setattr(attn, SLOPES_ATTR, alibi_slopes(num_heads))
+    for path, rotary in rotaries.items():
+        family.set_rotary_embedding(model, IdentityRotaryEmbedding(rotary), path)
+    num_heads = text_config(model).num_attention_heads
+    layers = family.layers(model)
+    modules = [getattr(layers[i], family.attention_attr) for i in family.attention_layer_indices(model)]
+    biased = set(biased_layers(model, section))
+    for i, attn in zip(family.attention_layer_indices(model), modules):
+        # unbiased layers (NoPE layers left out) keep plain attention: slopes of zero
+        slopes = alibi_slopes(num_heads)
+        setattr(attn, SLOPES_ATTR, slopes if i in biased else torch.zeros_like(slopes))
         setattr(attn, BASE_IMPL_ATTR, base_impl)
     if not keep_impl:
         model.set_attn_implementation(ATTENTION_NAME)
@@ -127,15 +163,13 @@ def _apply(model: nn.Module, section: AlibiSpec, spec) -> Applied:
     def undo():
         if not keep_impl:
             model.set_attn_implementation(original_impl)
-        for attn in family.attention_modules(model):
+        for attn in modules:
             delattr(attn, SLOPES_ATTR)
             delattr(attn, BASE_IMPL_ATTR)
-        family.set_rotary_embedding(model, original_rotary)
+        for path, rotary in rotaries.items():
+            family.set_rotary_embedding(model, rotary, path)
 
     return Applied(undo=undo)
 
 
-register_technique(
-    Technique(section="alibi", spec_class=AlibiSpec, apply=_apply, check=lambda model, section, spec: require_rotary(model),
-              order=15)
-)
+register_technique(Technique(section="alibi", spec_class=AlibiSpec, apply=_apply, check=_check, order=15))

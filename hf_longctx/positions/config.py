@@ -48,6 +48,9 @@ class RopeSpec(SectionSpec):
     high_freq_factor: float = spec_field(4.0, help="llama3: high-frequency factor.")
     short_factor: list[float] | None = spec_field(None, help="longrope: per-frequency factors below the trained length.")
     long_factor: list[float] | None = spec_field(None, help="longrope: per-frequency factors beyond the trained length.")
+    layer_types: list[str] | None = spec_field(
+        None, help="Models with one rotation per layer type (Gemma 3): the types to scale (default: full_attention)."
+    )
 
     def __post_init__(self):
         self._require(self.type is not None, "type", f"a rope section needs a type, one of {', '.join(ROPE_TYPES)}")
@@ -76,6 +79,8 @@ class RopeSpec(SectionSpec):
             )
         if self.type == "llama3":
             self._require(self.high_freq_factor > self.low_freq_factor, "high_freq_factor", "must exceed low_freq_factor")
+        if self.layer_types is not None:
+            self._require(len(self.layer_types) > 0, "layer_types", "name at least one layer type, e.g. full_attention")
 
 
 @dataclass
@@ -83,3 +88,12 @@ class AlibiSpec(SectionSpec):
     """ALiBi (Press et al.): no rotation, a bias -m_h * (i - j) per head. Needs fine-tuning on a RoPE model."""
 
     section = "alibi"
+
+    layers: Literal["all"] | list[int] | None = spec_field(
+        None, help="Layers to bias: 'all' or a list of indices. Default: every layer, refused on models with NoPE "
+        "layers, which must be named here (or 'all') to be biased.",
+    )
+
+    def __post_init__(self):
+        if isinstance(self.layers, list):
+            self._require(all(i >= 0 for i in self.layers), "layers", "layer indices must be >= 0")
