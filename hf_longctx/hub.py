@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PretrainedConfig
 
 from .patching import applied_sections, base_model, config_before_patches, patch, technique
 
@@ -37,7 +38,9 @@ def _changed_config_values(model: nn.Module) -> dict[str, Any]:
     if before is None:
         return {}
     keys = (set(before) | set(now)) - _VOLATILE_KEYS
-    return {k: before.get(k) for k in sorted(keys) if before.get(k) != now.get(k)}
+    # a nested config (the text config of a multimodal model) is recorded as its dict
+    return {k: before[k].to_dict() if isinstance(before.get(k), PretrainedConfig) else before.get(k)
+            for k in sorted(keys) if before.get(k) != now.get(k)}
 
 
 def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
@@ -96,6 +99,8 @@ def from_pretrained(path_or_repo: str | Path, **kwargs: Any) -> nn.Module:
     for key, value in base_values.items():
         if value is None:
             config.__dict__.pop(key, None)
+        elif isinstance(getattr(config, key, None), PretrainedConfig):
+            setattr(config, key, type(getattr(config, key)).from_dict(value))
         else:
             setattr(config, key, value)
     model = AutoModelForCausalLM.from_pretrained(path_or_repo, config=config, **kwargs)

@@ -188,9 +188,12 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
     return name
 
 
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def native_windows(model: nn.Module) -> list[int | None]:
     """Each layer's native sliding window (None: full attention), from the config as transformers reads it."""
-    config = model.config
+    config = model.config.get_text_config(decoder=True)
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:
@@ -223,29 +226,50 @@ def _check(model: nn.Module, section: AttentionSpec, spec) -> None:
                                 "'attention.learnable_sinks' cannot add its own")
 
 
+_PROBE_TOKENS = 8
+
+
 @torch.no_grad()
-def _probe(model: nn.Module) -> None:
-    """Run a few tokens through the patched model: a SpecError names any argument its attention gets
-    that the function cannot honour."""
+def _probe_logits(model: nn.Module) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, 4, dtype=torch.long, device=model.device), use_cache=False)
+        ids = torch.arange(3, 3 + _PROBE_TOKENS, device=model.device)[None]
+        return model(ids, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+
+
+def _probe(model: nn.Module, reference: torch.Tensor, backend: str) -> None:
+    """Refuse (SpecError) a model whose attention passes an argument the function cannot honour, or does
+    not take its mask as given (Doge builds its own from it): with no window of its own, the function
+    must reproduce the model's previous attention on a few tokens."""
+    name = model.config._attn_implementation
+    model.set_attn_implementation(attention_implementation(backend, None, 0))
+    try:
+        logits = _probe_logits(model)
     except UnsupportedAttentionArgument as err:
         raise SpecError(f"'attention' is not supported for model_type '{model.config.model_type}': {err}") from err
     finally:
-        model.train(was_training)
+        model.set_attn_implementation(name)
+    tolerance = 1e-4 if model.dtype in (torch.float32, torch.float64) else 3e-2
+    error = ((logits - reference).abs().max() / reference.abs().max().clamp(min=1e-6)).item()
+    if not error <= tolerance:
+        raise SpecError(f"'attention' is not supported for model_type '{model.config.model_type}': its attention "
+                        f"does not give the same result through hf_longctx's function (relative difference "
+                        f"{error:.2g}); it may build its own mask")
 
 
 def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
     family = get_family(model)
     previous_impl = model.config._attn_implementation
+    reference = _probe_logits(model)
     name = attention_implementation(section.backend, section.sliding_window, section.sink_tokens)
     modules = family.attention_modules(model)
     if section.learnable_sinks:
         for attn in modules:
             reference = next(attn.parameters())
-            sinks = torch.full((model.config.num_attention_heads,), SINK_INIT, dtype=reference.dtype,
+            sinks = torch.full((model.config.get_text_config(decoder=True).num_attention_heads,), SINK_INIT, dtype=reference.dtype,
                                device=reference.device)
             attn.register_parameter(SINKS_PARAM, nn.Parameter(sinks))
     model.set_attn_implementation(name)
@@ -258,12 +282,15 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
                 delattr(attn, SINKS_PARAM)
 
     try:
-        _probe(model)
+        _probe(model, reference, section.backend)
     except BaseException:
         undo()
         raise
-    if section.sliding_window is None:
-        return Applied(undo=undo)
+    text_config = model.config.get_text_config(decoder=True)
+    layer_types = set(getattr(text_config, "layer_types", None) or _ATTENTION_LAYER_TYPES)
+    if (section.sliding_window is None or not layer_types <= set(_ATTENTION_LAYER_TYPES)
+            or not model._supports_default_dynamic_cache()):
+        return Applied(undo=undo)  # the model's own cache (recurrent or linear-attention layers): keeps every token
 
     def without_cache(kwargs: dict) -> bool:
         return all(kwargs.get(k) is None for k in _CACHE_KEYS)
@@ -272,7 +299,7 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
         @functools.wraps(inner)
         def forward(*args, **kwargs):
             use_cache = kwargs.get("use_cache")
-            if without_cache(kwargs) and (model.config.use_cache if use_cache is None else use_cache):
+            if without_cache(kwargs) and (text_config.use_cache if use_cache is None else use_cache):
                 kwargs["cache"] = attention_cache(model, section)
             return inner(*args, **kwargs)
 

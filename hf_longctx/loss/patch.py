@@ -127,7 +127,8 @@ def head_transform(model: nn.Module, section: LossSpec = LossSpec()) -> HeadTran
     head = model.get_output_embeddings()
     own_forward = type(model).forward.__get__(model)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, _PROBE_TOKENS), generator=generator).to(head.weight.device)
+    vocab_size = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab_size, (1, _PROBE_TOKENS), generator=generator).to(head.weight.device)
     kwargs = {"output_router_logits": True} if getattr(model.config, "output_router_logits", None) is not None else {}
     scale = {"factor": 1.0}
     hidden: list[torch.Tensor] = []
@@ -144,7 +145,11 @@ def head_transform(model: nn.Module, section: LossSpec = LossSpec()) -> HeadTran
     model.eval()
     hook = get_family(model).decoder(model).register_forward_hook(scale_hidden)
     try:
-        largest = own_forward(ids, use_cache=False, **kwargs).logits.float().abs().max().item()
+        try:
+            largest = own_forward(ids, use_cache=False, **kwargs).logits.float().abs().max().item()
+        except Exception as err:  # noqa: BLE001  the model's own forward, not ours: nothing to compare with
+            raise SpecError(f"'loss' is not supported for model_type '{model.config.model_type}': its own forward "
+                            f"fails on the check input ({type(err).__name__}: {err})") from err
         scale["factor"] = _PROBE_LOGIT / largest if largest > 0 else 1.0
         hidden.clear()
         own = own_forward(ids, labels=ids, use_cache=False, **kwargs)

@@ -362,7 +362,7 @@ class SinkCache(Cache):
         if self._model_ref is None or self._model_ref() is not model:
             get_family(model)
             self._model_ref = weakref.ref(model)
-            config = model.config
+            config = model.config.get_text_config(decoder=True)
             layer_types = getattr(config, "layer_types", None)
             window = getattr(config, "sliding_window", None)
             self._layer_types = list(layer_types or [None] * config.num_hidden_layers)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..config_base import SpecError
+from ..families import get_family
 from ..patching import Applied, Technique, Wrap, register_technique
 from .cache import SinkCache
 from .config import StreamingSpec
@@ -112,9 +113,22 @@ def streaming_forward(
 
 
 def _check(model: nn.Module, section: StreamingSpec, spec) -> None:
+    name = model.config.model_type
     if not hasattr(model, "generate"):
         raise SpecError(f"'streaming' needs a causal LM with generate(); got {type(model).__name__}")
-    own_window = getattr(model.config, "sliding_window", None)
+    if not model._supports_default_dynamic_cache():
+        raise SpecError(f"'streaming' is not supported for model_type '{name}': it keeps a cache of its own")
+    config = model.config.get_text_config(decoder=True)
+    other_layers = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if other_layers:
+        raise SpecError(f"'streaming' is not supported for model_type '{name}': its layers of type "
+                        f"{', '.join(sorted(other_layers))} keep a state that a sink cache cannot hold")
+    rotary = get_family(model).rotary_embedding(model)
+    if rotary is not None and not hasattr(rotary, "inv_freq") and not any(
+            n.endswith("_inv_freq") for n, _ in rotary.named_buffers()):
+        raise SpecError(f"'streaming' is not supported for model_type '{name}': its rotary embedding "
+                        f"({type(rotary).__name__}) has no inv_freq to re-rotate the cached keys with")
+    own_window = getattr(config, "sliding_window", None)
     if own_window is not None and own_window <= section.sink_tokens + section.window:
         logger.info("streaming: layers with the native window %d keep it (no sinks); the others keep %d sinks + "
                     "%d recent tokens", own_window, section.sink_tokens, section.window)
