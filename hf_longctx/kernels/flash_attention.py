@@ -47,8 +47,8 @@ def _seq_bounds(CU_SEQLENS, seq, seq_q, seq_k, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _tanh(x):
-    """tanh of fp32 x within 2 ulp, from core ops only (Cephes' tanhf): libdevice is not available
-    in the interpreter, and 1 - 2 / (exp(2|x|) + 1) alone loses the relative precision near 0."""
+    """tanh of fp32 x from core ops only (Cephes' tanhf; within 2 ulp in the interpreter): libdevice is
+    not available in the interpreter, and 1 - 2 / (exp(2|x|) + 1) alone loses the relative precision near 0."""
     a = tl.abs(x)
     z = x * x
     small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
@@ -499,7 +499,7 @@ def flash_attention(q, k, v, *, causal=True, window=None, sink_tokens=0, alibi_s
         sink_tokens: S >= 0; with a window, keys 0..S-1 stay visible to every query (still
             causal) on top of the window (StreamingLLM). Without a window every key is already
             visible and S has no effect.
-        alibi_slopes: `[Hq]` fp32; adds -slope_h * |i - j| to the scaled scores (i, j positions).
+        alibi_slopes: `[Hq]` fp32; adds -slope_h * |i - j| to the scaled (and capped) scores (i, j positions).
             Not materialised; not differentiated.
         sink_logits: `[Hq]`; one learnable logit per head (in scaled-score units) joins the
             softmax denominator: softmax over [scores, sink_h] with the sink column carrying no
