@@ -2,17 +2,23 @@
 
 Oracle: against the float64 dense reference, the error of each backend is at most twice the
 error of plain PyTorch in the same precision (the reference run in fp16/fp32), plus 1e-6,
-for the output and every gradient (dq, dk, dv, d sink_logits).
+for the output and every gradient (dq, dk, dv, d sink_logits). The reference's softcap is
+checked against transformers' Gemma 2 eager attention.
 """
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from transformers.masking_utils import causal_mask_function, eager_mask, sliding_window_causal_mask_function
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager_attention
 
 from hf_longctx.kernels import blocked
 from hf_longctx.kernels.blocked import blocked_attention
-from hf_longctx.kernels.flash_attention import flash_attention, key_block_ranges, query_block_ranges
+from hf_longctx.kernels.flash_attention import _tanh, flash_attention, key_block_ranges, query_block_ranges
 from hf_longctx.kernels.reference import check_inputs, flash_attention_reference, visible
 
 # name: (B, Hq, Hkv, N, M, D, options). Shapes are small and odd (N not a multiple of the
@@ -30,6 +36,16 @@ CASES = {
                             dict(cu_seqlens=[0, 30, 31, 77, 100], window=20, sink_tokens=2, sink_logits=True)),
     "packed_position_ids_alibi": (1, 2, 1, 90, 90, 32, dict(position_ids=[0, 45, 46, 90], alibi=True)),
     "head_dim_96": (1, 2, 1, 50, 50, 96, dict(window=30)),
+    # Softcaps near the scores' spread (std ~1), so tanh is far from linear.
+    "softcap_gqa_window_sinks": (2, 4, 2, 70, 70, 32, dict(window=25, sink_tokens=3, softcap=2.0)),
+    "softcap_causal_alibi": (1, 2, 2, 50, 50, 64, dict(alibi=True, softcap=1.5)),
+    "softcap_mqa_sink_logits": (1, 4, 1, 45, 45, 32, dict(sink_logits=True, softcap=3.0)),
+    "softcap_noncausal_cross": (1, 2, 1, 30, 50, 32, dict(causal=False, softcap=1.0)),
+    "softcap_decode_window_sinks_sink_logits": (2, 4, 2, 1, 70, 32,
+                                                dict(window=30, sink_tokens=2, sink_logits=True, softcap=2.0)),
+    "softcap_chunked_prefill_window_alibi": (1, 2, 1, 37, 80, 64, dict(window=40, alibi=True, softcap=2.5)),
+    "softcap_packed_window_sinks": (1, 2, 1, 60, 60, 32,
+                                    dict(cu_seqlens=[0, 25, 26, 60], window=15, sink_tokens=2, softcap=2.0)),
 }
 # Blocked path only: windows short enough that most 32-row blocks run in the batched band
 # form, for every feature it supports (batch > 1 and sinks copy the bands).
@@ -40,14 +56,17 @@ BAND_CASES = {
     "band_packed_window_alibi_sink_logits": (1, 2, 1, 200, 200, 32,
                                              dict(cu_seqlens=[0, 120, 200], window=25, alibi=True, sink_logits=True)),
     "band_alibi_sinks_falls_back": (1, 2, 2, 120, 120, 32, dict(window=30, sink_tokens=2, alibi=True)),
+    "band_softcap_gqa_sinks": (2, 4, 2, 130, 130, 32, dict(window=33, sink_tokens=3, softcap=2.0)),
+    "band_softcap_alibi_sink_logits": (1, 2, 1, 150, 150, 32, dict(window=40, alibi=True, sink_logits=True,
+                                                                   softcap=3.0)),
 }
 
 
 def _blocked(q, k, v, *, causal=True, window=None, sink_tokens=0, alibi_slopes=None, sink_logits=None,
-             cu_seqlens=None, position_ids=None, scale=None):
+             softcap=None, cu_seqlens=None, position_ids=None, scale=None):
     """The blocked CPU path with 32-row blocks, so these small shapes cross block edges."""
     options = dict(causal=causal, window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes,
-                   sink_logits=sink_logits)
+                   sink_logits=sink_logits, softcap=softcap)
     cu_seqlens, scale = check_inputs(q, k, v, cu_seqlens=cu_seqlens, position_ids=position_ids, scale=scale,
                                      **options)
     return blocked_attention(q, k, v, cu_seqlens=cu_seqlens, scale=scale, block_size=32, **options)
@@ -164,16 +183,18 @@ def test_sliding_window_runs_as_two_calls(sink_tokens, monkeypatch):
         assert rows == block and band_blocks * block >= n - (window + sink_tokens + 2 * block)
 
 
+@pytest.mark.parametrize("scores_options", [dict(sink_logits=torch.zeros(4)), dict(softcap=2.0)],
+                         ids=["sink_logits", "softcap"])
 @pytest.mark.parametrize("window", [100, 1000])
-def test_blocked_calls_stay_under_the_element_limit(window, monkeypatch):
-    """With sink logits the scores `[B, Hq, rows, keys]` are materialised: each call keeps them under the limit
-    (or to one block), however large the window."""
+def test_blocked_calls_stay_under_the_element_limit(window, scores_options, monkeypatch):
+    """With sink logits or a softcap the scores `[B, Hq, rows, keys]` are materialised: each call keeps them under
+    the limit (or to one block), however large the window."""
     limit, block = 1 << 16, 32
     monkeypatch.setattr(blocked, "_CALL_ELEMENTS", limit)
     calls = []
     monkeypatch.setattr(blocked, "_attend_rows", lambda q, k, *args, **kwargs: calls.append((q.shape, k.shape)) or q)
     q, k, v = _qkv(b=2, hq=4, hkv=2, n=1000, m=1000)
-    _blocked(q, k, v, window=window, sink_tokens=2, sink_logits=torch.zeros(4))
+    _blocked(q, k, v, window=window, sink_tokens=2, **scores_options)
     assert sum(q_shape[0] * q_shape[2] for q_shape, _ in calls) == 2 * 1000  # [B or B·blocks, Hq, rows, D]
     for (x, hq, rows, _), (_, _, keys, _) in calls:
         assert x * hq * rows * keys <= max(limit, 2 * hq * block * keys), (x, rows, keys)  # B = 2
@@ -242,8 +263,10 @@ def _qkv(b=1, hq=4, hkv=2, n=8, m=8, d=32):
     (lambda: _qkv(n=9), {}, "more queries"),
     (lambda: _qkv(), dict(position_ids=torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])), "must start at 0"),
     (lambda: _qkv(), dict(position_ids=torch.tensor([[0, 1, 2, 4, 0, 1, 2, 3]])), "count up by one"),
+    (lambda: _qkv(), dict(softcap=0.0), "softcap must be a finite number > 0"),
+    (lambda: _qkv(), dict(softcap=float("inf")), "softcap must be a finite number > 0"),
 ], ids=["gqa_ratio", "packed_batch", "cu_seqlens_order", "alibi_shape", "sink_shape", "window_noncausal",
-        "window_zero", "n_gt_m_causal", "position_ids_start", "position_ids_gap"])
+        "window_zero", "n_gt_m_causal", "position_ids_start", "position_ids_gap", "softcap_zero", "softcap_inf"])
 def test_bad_inputs_raise_clear_errors(backend, make, options, message):
     q, k, v = make()
     with pytest.raises(ValueError, match=message):
@@ -259,5 +282,62 @@ def test_position_ids_give_the_same_documents_as_cu_seqlens():
     q, k, v = _qkv(n=10, m=10)
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]])
     cu_seqlens, _ = check_inputs(q, k, v, causal=True, window=None, sink_tokens=0, alibi_slopes=None,
-                                 sink_logits=None, cu_seqlens=None, position_ids=position_ids, scale=None)
+                                 sink_logits=None, softcap=None, cu_seqlens=None, position_ids=position_ids,
+                                 scale=None)
     assert cu_seqlens.tolist() == [0, 3, 5, 10] and cu_seqlens.dtype == torch.int32
+
+
+# name: (B, Hq, Hkv, N, M, window, alibi): Gemma 2's sliding and global layers, prefill and chunked prefill.
+GEMMA2_CASES = {
+    "sliding_gqa": (2, 4, 2, 40, 40, 16, False),
+    "global_chunked_prefill": (1, 4, 1, 9, 30, None, False),
+    "sliding_chunked_prefill_alibi": (1, 2, 2, 12, 35, 10, True),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocked"])
+@pytest.mark.parametrize("case", list(GEMMA2_CASES))
+def test_softcap_matches_gemma2_eager_attention(case, backend):
+    """Same q/k/v through transformers' Gemma 2 eager attention: scale, cap, then mask (+ ALiBi bias) and softmax.
+
+    ALiBi enters Gemma 2's function as part of the additive mask, which it adds after the cap: the
+    order flash_attention documents. Gemma 2 takes the softmax in fp32, hence the tolerance on fp64 inputs.
+    """
+    b, hq, hkv, n, m, window, alibi = GEMMA2_CASES[case]
+    d, softcap, scaling = 32, 2.0, 24 ** -0.5  # Gemma 2 scales by query_pre_attn_scalar ** -0.5, not head_dim
+    gen = torch.Generator().manual_seed(sum(map(ord, case)))
+    q = torch.randn(b, hq, n, d, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(b, hkv, m, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    mask_function = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+    mask = eager_mask(batch_size=b, q_length=n, kv_length=m, q_offset=m - n, mask_function=mask_function,
+                      dtype=torch.float64)
+    slopes = torch.rand(hq, generator=gen, dtype=torch.float64) * 0.5 if alibi else None
+    if alibi:
+        distance = (torch.arange(m - n, m)[:, None] - torch.arange(m)[None, :]).abs()
+        mask = mask - slopes[:, None, None] * distance
+    module = SimpleNamespace(head_dim=d, num_key_value_groups=hq // hkv, training=False)
+    expected, _ = gemma2_eager_attention(module, q, k, v, mask, scaling=scaling, softcap=softcap)
+    options = dict(window=window, alibi_slopes=slopes, scale=scaling)
+    ours = flash_attention(q, k, v, softcap=softcap, backend=backend, **options).transpose(1, 2)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    uncapped = flash_attention(q, k, v, backend=backend, **options).transpose(1, 2)
+    assert (uncapped - expected).abs().max() > 1e-2  # the cap is active at these scores
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton compiles for the GPU here")
+def test_triton_tanh_within_two_ulp():
+    """The kernels' tanh (core ops only) against float64: relative error at most 2 fp32 ulp, exactly odd, |t| <= 1."""
+    @triton.jit
+    def tanh_kernel(X, Y, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, _tanh(tl.load(X + offs, mask=offs < N)), mask=offs < N)
+
+    magnitudes = torch.cat([torch.linspace(0, 12, 8001), torch.logspace(-8, 1, 2000), torch.tensor([0.625])])
+    x = torch.cat([magnitudes, -magnitudes])
+    t = torch.empty_like(x)
+    tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, t, x.numel(), BLOCK=1024)
+    exact = torch.tanh(x.double())
+    relative = (t.double() - exact).abs() / exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert relative.max().item() <= 2 * torch.finfo(torch.float32).eps
+    assert torch.equal(t[: magnitudes.numel()], -t[magnitudes.numel():])
+    assert t.abs().max().item() == 1.0

@@ -29,6 +29,15 @@ CASES = {
     "packed_window": (1, 4, 2, 2048, 2048, 64, dict(cu_seqlens=[0, 300, 301, 1100, 2048], window=200,
                                                     sink_tokens=4, sink_logits=True)),
     "head_dim_96": (1, 4, 2, 1100, 1100, 96, dict(window=333)),
+    # Gemma 2's cap of 50 barely bends these scores (std ~1); the smaller caps below bend them strongly.
+    "gemma2_softcap_window_gqa": (1, 8, 4, 1500, 1500, 128, dict(window=512, softcap=50.0)),
+    "softcap_gqa_window_sinks_alibi_sink_logits": (2, 4, 2, 1100, 1100, 64,
+                                                   dict(window=300, sink_tokens=4, alibi=True, sink_logits=True,
+                                                        softcap=2.0)),
+    "softcap_decode_window_sinks": (2, 8, 2, 1, 2048, 128, dict(window=1024, sink_tokens=4, softcap=5.0)),
+    "softcap_chunked_prefill_noncausal": (1, 4, 1, 700, 1500, 64, dict(causal=False, softcap=3.0)),
+    "softcap_packed_window": (1, 4, 2, 2048, 2048, 64, dict(cu_seqlens=[0, 300, 301, 1100, 2048], window=200,
+                                                             softcap=2.0)),
 }
 
 
@@ -60,8 +69,9 @@ def test_auto_backend_on_cuda_is_triton():
                                                                                       **options), rtol=0, atol=0)
 
 
-def test_backward_is_deterministic_with_gqa():
-    inputs, do, options = _case("gqa_window_sinks_alibi_sink_logits")
+@pytest.mark.parametrize("case", ["gqa_window_sinks_alibi_sink_logits", "softcap_gqa_window_sinks_alibi_sink_logits"])
+def test_backward_is_deterministic_with_gqa(case):
+    inputs, do, options = _case(case)
     fn = lambda *a, **kw: flash_attention(*a, backend="triton", **kw)  # noqa: E731
     first = _outputs_and_grads(fn, inputs, do, options, torch.bfloat16)
     second = _outputs_and_grads(fn, inputs, do, options, torch.bfloat16)

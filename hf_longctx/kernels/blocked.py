@@ -15,8 +15,8 @@ first key) go as one block, under the same limit. Few, large calls keep the path
 waits on a descheduled thread (a loaded machine). Without a window, and for ALiBi with
 sink tokens (the sink distance differs per block), every block goes on its own.
 
-All forms share `_attend_rows`: SDPA's fused kernel without sink logits, matmul + softmax
-with them. Packed documents are attended one at a time. Differentiable through autograd;
+All forms share `_attend_rows`: SDPA's fused kernel without sink logits or a softcap,
+matmul + softmax with either. Packed documents are attended one at a time. Differentiable through autograd;
 fp16/bf16 are computed in fp32.
 """
 
@@ -29,27 +29,32 @@ from .reference import attend, visible
 
 __all__ = ["blocked_attention"]
 
-# Elements one call may materialise (masks, scores with sink logits, copied K/V bands):
+# Elements one call may materialise (masks, scores with sink logits or a softcap, copied K/V bands):
 # 2**26 fp32 values are 256 MiB, and at that size the per-call overhead is long amortised.
 _CALL_ELEMENTS = 1 << 26
 
 
-def _attend_rows(q, k, v, mask, q_pos, k_pos, *, alibi_slopes, sink_logits, scale):
+def _materialises_scores(sink_logits, softcap) -> bool:
+    """Whether `_attend_rows` computes matmul + softmax (materialising the scores) rather than calling SDPA."""
+    return sink_logits is not None or softcap is not None
+
+
+def _attend_rows(q, k, v, mask, q_pos, k_pos, *, alibi_slopes, sink_logits, softcap, scale):
     """Softmax attention of q `[X, Hq, n, D]` over k/v `[X, Hkv, m, D]`, one `[n, m]` mask for all X.
 
     mask bool `[n, m]` (True = visible); q_pos `[n]` / k_pos `[m]` are read only for ALiBi
     (pass None without it), where only their differences matter. Returns `[X, Hq, n, D]`.
     """
-    if sink_logits is not None:
-        return attend(q, k, v, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale)
-    # SDPA's fused CPU kernel is about twice as fast as matmul + softmax; it has no sink column.
+    if _materialises_scores(sink_logits, softcap):
+        return attend(q, k, v, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale, softcap)
+    # SDPA's fused CPU kernel is about twice as fast as matmul + softmax; it has no sink column and no softcap.
     if alibi_slopes is not None:
         distance = (q_pos[:, None] - k_pos[None, :]).abs().to(q.dtype)
         mask = (-alibi_slopes.to(q.dtype)[:, None, None] * distance).masked_fill(~mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
-def _attend_block(q, k, v, r0, r1, *, causal, window, sink_tokens, alibi_slopes, sink_logits, scale):
+def _attend_block(q, k, v, r0, r1, *, causal, window, sink_tokens, alibi_slopes, sink_logits, softcap, scale):
     """Query rows [r0, r1) of one sequence (q `[B, Hq, N, D]`, k/v `[B, Hkv, M, D]`) -> `[B, Hq, r1 - r0, D]`."""
     n, m = q.shape[2], k.shape[2]
     first, last = m - n + r0, m - n + r1 - 1  # positions of the block's first and last query
@@ -65,7 +70,7 @@ def _attend_block(q, k, v, r0, r1, *, causal, window, sink_tokens, alibi_slopes,
     q_pos = torch.arange(first, last + 1, device=q.device)
     mask = visible(q_pos, k_pos, causal=causal, window=window, sink_tokens=sink_tokens)
     return _attend_rows(q[:, :, r0:r1], kb, vb, mask, q_pos, k_pos, alibi_slopes=alibi_slopes,
-                        sink_logits=sink_logits, scale=scale)
+                        sink_logits=sink_logits, softcap=softcap, scale=scale)
 
 
 def _band_start(n: int, m: int, *, window, sink_tokens, alibi_slopes, block_size) -> int | None:
@@ -86,7 +91,7 @@ def _rows_per_call(per_row: int, block_size: int) -> int:
     return block_size * max(1, _CALL_ELEMENTS // max(1, block_size * per_row))
 
 
-def _attend_band(q, k, v, r0, r1, *, window, sink_tokens, alibi_slopes, sink_logits, scale, block_size):
+def _attend_band(q, k, v, r0, r1, *, window, sink_tokens, alibi_slopes, sink_logits, softcap, scale, block_size):
     """Query rows [r0, r1) of one sequence, full blocks of block_size rows, in one batched call.
 
     q `[B, Hq, N, D]`, k/v `[B, Hkv, M, D]` -> `[B, Hq, r1 - r0, D]`. Block i (queries at
@@ -114,11 +119,12 @@ def _attend_band(q, k, v, r0, r1, *, window, sink_tokens, alibi_slopes, sink_log
         mask = torch.cat([mask.new_ones(block_size, sink_tokens), mask], dim=1)
     positions = (q_pos, k_pos) if alibi_slopes is not None else (None, None)  # never ALiBi with sinks here
     out = _attend_rows(qb, bands(k), bands(v), mask, *positions, alibi_slopes=alibi_slopes, sink_logits=sink_logits,
-                       scale=scale)
+                       softcap=softcap, scale=scale)
     return out.unflatten(0, (b, num_blocks)).movedim(1, 2).reshape(b, hq, r1 - r0, d)
 
 
-def _attend_sequence(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink_logits, scale, block_size):
+def _attend_sequence(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink_logits, softcap, scale,
+                     block_size):
     """One unpacked sequence: q `[B, Hq, N, D]`, k/v `[B, Hkv, M, D]`, queries bottom-right aligned.
 
     With the band form, the rows before the band (fewer than W + S + 2·block_size) and the
@@ -127,14 +133,14 @@ def _attend_sequence(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink
     """
     (b, hq, n, d), hkv, m = q.shape, k.shape[1], k.shape[2]
     options = dict(window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes, sink_logits=sink_logits,
-                   scale=scale)
+                   softcap=softcap, scale=scale)
     band_start = _band_start(n, m, window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes,
                              block_size=block_size)
     if band_start is None:
         band_start = n
         bounds = [0, *range(n % block_size or block_size, n, block_size), n]
     else:
-        scores = b * hq if sink_logits is not None else 0  # matmul + softmax materialise [B, Hq, rows, keys]
+        scores = b * hq if _materialises_scores(sink_logits, softcap) else 0  # [B, Hq, rows, keys]
         lead_keys = sink_tokens + window - 1 + band_start  # at most, for rows before the band; mask [rows, keys]
         band_keys = sink_tokens + window - 1 + block_size  # one mask for all band blocks
         copies = 2 * b * hkv * band_keys * d // block_size if b > 1 or sink_tokens else 0  # K/V bands, per row
@@ -149,7 +155,7 @@ def _attend_sequence(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink
     return torch.cat(outputs, dim=2)
 
 
-def blocked_attention(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink_logits, cu_seqlens, scale,
+def blocked_attention(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink_logits, softcap, cu_seqlens, scale,
                       block_size: int = 128):
     """Attention with `flash_attention` semantics on already validated inputs (see `check_inputs`).
 
@@ -158,7 +164,7 @@ def blocked_attention(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sin
     computed in fp32, as the Triton kernel accumulates.
     """
     options = dict(causal=causal, window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes,
-                   sink_logits=sink_logits, scale=scale, block_size=block_size)
+                   sink_logits=sink_logits, softcap=softcap, scale=scale, block_size=block_size)
     # Cast once, before K/V are viewed as overlapping bands: a cast of the bands would copy them.
     work_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     qw, kw, vw = q.to(work_dtype), k.to(work_dtype), v.to(work_dtype)

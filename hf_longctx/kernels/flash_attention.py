@@ -1,4 +1,4 @@
-"""Flash attention with sliding windows, attention sinks, ALiBi, sink logits and packed documents.
+"""Flash attention with sliding windows, attention sinks, ALiBi, sink logits, logit softcaps and packed documents.
 
 Four layers, in order: the Triton kernels (forward, backward dq, backward dk/dv), the
 launcher (block tables, grids), the autograd.Function, and the public `flash_attention`,
@@ -46,6 +46,44 @@ def _seq_bounds(CU_SEQLENS, seq, seq_q, seq_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh of fp32 x from core ops only (Cephes' tanhf; within 2 ulp in the interpreter): libdevice is
+    not available in the interpreter, and 1 - 2 / (exp(2|x|) + 1) alone loses the relative precision near 0."""
+    a = tl.abs(x)
+    z = x * x
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+             - 3.33332819422e-1) * z * x + x
+    # tanh rounds to 1 in fp32 from |x| = 9.1 on; the clamp keeps exp finite. div_rn: IEEE division on GPUs too.
+    large = 1.0 - tl.math.div_rn(tl.full(a.shape, 2.0, tl.float32), tl.exp(2.0 * tl.minimum(a, 10.0)) + 1.0)
+    return tl.where(a < 0.625, small, tl.where(x < 0, -large, large))
+
+
+@triton.jit
+def _scores(q, kt, qk_scale, softcap2, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(scores, t): scores `[BLOCK_M, BLOCK_N]` in log2 units, capped, before ALiBi and mask.
+
+    Without a softcap qk_scale is scale·log2(e) and t is unused. With one, qk_scale is
+    scale / softcap and softcap2 is softcap·log2(e), so scores = softcap2 · t with
+    t = tanh(q·k·scale / softcap), which the backward needs for d raw = d capped · (1 - t²).
+    """
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SOFTCAP:
+        t = _tanh(s)
+        return t * softcap2, t
+    else:
+        return s, s
+
+
+@triton.jit
+def _raw_score_grads(p, dp, delta, t, HAS_SOFTCAP: tl.constexpr):
+    """d loss / d (q·k·scale), the uncapped scores: P · (dO·V^T - delta), times 1 - t² with a softcap."""
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds *= 1.0 - t * t
+    return ds
+
+
+@triton.jit
 def _masked_scores(s, q_pos, k_pos, q_ok, k_ok, slope2, window, sink_tokens,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Scores in log2 units `[BLOCK_M, BLOCK_N]` with the ALiBi bias added and invisible pairs at MASKED."""
@@ -61,8 +99,8 @@ def _masked_scores(s, q_pos, k_pos, q_ok, k_ok, slope2, window, sink_tokens,
 
 @triton.jit
 def _fwd_inner(m_i, l_i, acc, q, K_base, V_base, stride_kn, stride_vn, block_lo, block_hi, q_pos, q_ok,
-               k_len, head_dim, qk_scale, slope2, window, sink_tokens,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               k_len, head_dim, qk_scale, softcap2, slope2, window, sink_tokens,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online-softmax accumulation over key blocks [block_lo, block_hi)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -73,7 +111,7 @@ def _fwd_inner(m_i, l_i, acc, q, K_base, V_base, stride_kn, stride_vn, block_lo,
         k_ok = k_pos < k_len
         kt = tl.load(K_base + k_pos[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :],
                      other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s, _ = _scores(q, kt, qk_scale, softcap2, HAS_SOFTCAP, DOT_PRECISION)
         s = _masked_scores(s, q_pos, k_pos, q_ok, k_ok, slope2, window, sink_tokens, CAUSAL, HAS_WINDOW, HAS_ALIBI)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -90,8 +128,9 @@ def _fwd_inner(m_i, l_i, acc, q, K_base, V_base, stride_kn, stride_vn, block_lo,
 def _fwd_kernel(Q, K, V, O, LSE, SLOPES, SINKS, CU_SEQLENS, KV_BLOCKS,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                num_heads, group_size, seq_q, seq_k, head_dim, num_q_blocks, qk_scale, window, sink_tokens,
-                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                num_heads, group_size, seq_q, seq_k, head_dim, num_q_blocks, qk_scale, softcap2, window,
+                sink_tokens,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_SINK_LOGITS: tl.constexpr, IS_VARLEN: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (query block, sequence x head); writes O and the log2-sum-exp LSE `[B, Hq, N]`."""
@@ -123,11 +162,11 @@ def _fwd_kernel(Q, K, V, O, LSE, SLOPES, SINKS, CU_SEQLENS, KV_BLOCKS,
     table = KV_BLOCKS + ((seq if IS_VARLEN else 0) * num_q_blocks + pid_m) * 3
     sink_end, win_start, win_end = tl.load(table), tl.load(table + 1), tl.load(table + 2)
     m_i, l_i, acc = _fwd_inner(m_i, l_i, acc, q, K_base, V_base, stride_kn, stride_vn, 0, sink_end, q_pos, q_ok,
-                               k_len, head_dim, qk_scale, slope2, window, sink_tokens,
-                               CAUSAL, HAS_WINDOW, HAS_ALIBI, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                               k_len, head_dim, qk_scale, softcap2, slope2, window, sink_tokens,
+                               CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, BLOCK_N, BLOCK_D, DOT_PRECISION)
     m_i, l_i, acc = _fwd_inner(m_i, l_i, acc, q, K_base, V_base, stride_kn, stride_vn, win_start, win_end, q_pos,
-                               q_ok, k_len, head_dim, qk_scale, slope2, window, sink_tokens,
-                               CAUSAL, HAS_WINDOW, HAS_ALIBI, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                               q_ok, k_len, head_dim, qk_scale, softcap2, slope2, window, sink_tokens,
+                               CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_SOFTCAP, BLOCK_N, BLOCK_D, DOT_PRECISION)
     acc = acc / l_i[:, None]
     tl.store(O + batch * stride_ob + head * stride_oh + (start + rows)[:, None] * stride_on + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
@@ -136,10 +175,10 @@ def _fwd_kernel(Q, K, V, O, LSE, SLOPES, SINKS, CU_SEQLENS, KV_BLOCKS,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_vn, block_lo, block_hi, q_pos, q_ok,
-              k_len, head_dim, qk_scale, slope2, window, sink_tokens,
-              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              k_len, head_dim, qk_scale, softcap2, slope2, window, sink_tokens,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dq += dS @ K over key blocks [block_lo, block_hi), with dS = P * (dO @ V^T - delta)."""
+    """dq += dS @ K over key blocks [block_lo, block_hi), with dS = `_raw_score_grads`."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
@@ -149,11 +188,11 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_vn, bloc
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(K_base + k_pos[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V_base + k_pos[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s, t = _scores(q, tl.trans(k), qk_scale, softcap2, HAS_SOFTCAP, DOT_PRECISION)
         s = _masked_scores(s, q_pos, k_pos, q_ok, k_ok, slope2, window, sink_tokens, CAUSAL, HAS_WINDOW, HAS_ALIBI)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = _raw_score_grads(p, dp, delta, t, HAS_SOFTCAP)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -162,9 +201,9 @@ def _dq_inner(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_vn, bloc
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_SEQLENS, KV_BLOCKS,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                   num_heads, group_size, seq_q, seq_k, head_dim, num_q_blocks, qk_scale, sm_scale, window,
-                   sink_tokens,
-                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   num_heads, group_size, seq_q, seq_k, head_dim, num_q_blocks, qk_scale, softcap2, sm_scale,
+                   window, sink_tokens,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    IS_VARLEN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (query block, sequence x head), like the forward; DQ is laid out like Q."""
@@ -194,11 +233,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_SEQLENS, KV_BLOCKS,
     sink_end, win_start, win_end = tl.load(table), tl.load(table + 1), tl.load(table + 2)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_vn, 0, sink_end, q_pos, q_ok, k_len,
-                   head_dim, qk_scale, slope2, window, sink_tokens, CAUSAL, HAS_WINDOW, HAS_ALIBI, BLOCK_N, BLOCK_D,
-                   DOT_PRECISION)
+                   head_dim, qk_scale, softcap2, slope2, window, sink_tokens, CAUSAL, HAS_WINDOW, HAS_ALIBI,
+                   HAS_SOFTCAP, BLOCK_N, BLOCK_D, DOT_PRECISION)
     dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_vn, win_start, win_end, q_pos, q_ok,
-                   k_len, head_dim, qk_scale, slope2, window, sink_tokens, CAUSAL, HAS_WINDOW, HAS_ALIBI, BLOCK_N,
-                   BLOCK_D, DOT_PRECISION)
+                   k_len, head_dim, qk_scale, softcap2, slope2, window, sink_tokens, CAUSAL, HAS_WINDOW, HAS_ALIBI,
+                   HAS_SOFTCAP, BLOCK_N, BLOCK_D, DOT_PRECISION)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -206,10 +245,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, CU_SEQLENS, KV_BLOCKS,
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, CU_SEQLENS, Q_BLOCKS,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                     num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, num_k_blocks, qk_scale, sm_scale,
-                     window, sink_tokens,
+                     num_heads, num_kv_heads, group_size, seq_q, seq_k, head_dim, num_k_blocks, qk_scale, softcap2,
+                     sm_scale, window, sink_tokens,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                     IS_VARLEN: tl.constexpr,
+                     HAS_SOFTCAP: tl.constexpr, IS_VARLEN: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (key block, sequence x kv head). It loops over the query heads of its GQA
     group itself, so dK/dV are summed over the group without atomics (deterministic).
@@ -248,13 +287,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, CU_SEQLENS, Q_BLOC
             do = tl.load(DO_base + rows[:, None] * stride_don + offs_d[None, :], mask=qd_mask, other=0.0)
             lse2 = tl.load(LSE + row_base + rows, mask=q_ok, other=0.0)
             delta = tl.load(DELTA + row_base + rows, mask=q_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            s, t = _scores(q, tl.trans(k), qk_scale, softcap2, HAS_SOFTCAP, DOT_PRECISION)
             s = _masked_scores(s, rows + (k_len - q_len), k_pos, q_ok, k_ok, slope2, window, sink_tokens,
                                CAUSAL, HAS_WINDOW, HAS_ALIBI)
             p = tl.exp2(s - lse2[:, None])
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = _raw_score_grads(p, dp, delta, t, HAS_SOFTCAP)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
     tl.store(DK + k_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_mask)
     tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=kd_mask)
@@ -336,10 +375,13 @@ def _launch_config(q: torch.Tensor) -> dict:
                 dkdv=dict(BLOCK_M=32, BLOCK_N=64 if wide else 128, num_warps=4 if wide else 8, num_stages=2))
 
 
-def _common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes) -> dict:
+def _common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes, softcap, scale) -> dict:
     """Pointers, constexpr flags and scalars shared by the three kernels' launches."""
     d = q.shape[-1]
     return dict(
+        # See `_scores`: with a softcap the kernels scale by 1 / softcap before tanh, by softcap after.
+        qk_scale=scale * LOG2E.value if softcap is None else scale / softcap,
+        softcap2=0.0 if softcap is None else softcap * LOG2E.value, HAS_SOFTCAP=softcap is not None,
         CU_SEQLENS=q if cu_seqlens is None else cu_seqlens,  # unread placeholders keep the signature fixed
         SLOPES=q if alibi_slopes is None else alibi_slopes.to(q.device, torch.float32).contiguous(),
         window=window or 0, sink_tokens=sink_tokens, head_dim=d,
@@ -356,7 +398,8 @@ def _strides(**tensors) -> dict:
     return {f"stride_{name}{dim}": t.stride(i) for name, t in tensors.items() for i, dim in enumerate("bhn")}
 
 
-def _flash_forward(q, k, v, lengths, alibi_slopes, sink_logits, cu_seqlens, causal, window, sink_tokens, scale):
+def _flash_forward(q, k, v, lengths, alibi_slopes, sink_logits, cu_seqlens, causal, window, sink_tokens, softcap,
+                   scale):
     """Returns out `[B, Hq, N, D]` and lse `[B, Hq, N]` (fp32, log2 units). lengths: `_lengths(...)`."""
     b, hq, n, _ = q.shape
     q_lens, k_lens = lengths
@@ -369,12 +412,14 @@ def _flash_forward(q, k, v, lengths, alibi_slopes, sink_logits, cu_seqlens, caus
     grid = (table.shape[1], num_seqs * hq)
     _fwd_kernel[grid](q, k, v, out, lse, SINKS=q if sink_logits is None else sink_logits.contiguous(), KV_BLOCKS=table,
                       **_strides(q=q, k=k, v=v, o=out), num_heads=hq, num_q_blocks=table.shape[1],
-                      qk_scale=scale * LOG2E.value, HAS_SINK_LOGITS=sink_logits is not None,
-                      **_common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes), **cfg)
+                      HAS_SINK_LOGITS=sink_logits is not None,
+                      **_common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes, softcap, scale),
+                      **cfg)
     return out, lse
 
 
-def _flash_backward(do, q, k, v, out, lse, lengths, alibi_slopes, cu_seqlens, causal, window, sink_tokens, scale):
+def _flash_backward(do, q, k, v, out, lse, lengths, alibi_slopes, cu_seqlens, causal, window, sink_tokens, softcap,
+                    scale):
     """Returns dq, dk, dv (laid out like q, k, v) and delta = rowsum(dO * O) `[B, Hq, N]` fp32."""
     b, hq, n, _ = q.shape
     hkv = k.shape[1]
@@ -382,7 +427,7 @@ def _flash_backward(do, q, k, v, out, lse, lengths, alibi_slopes, cu_seqlens, ca
     cfg = _launch_config(q)
     num_seqs = len(q_lens) if cu_seqlens is not None else b
     delta = (do.float() * out.float()).sum(-1)
-    common = _common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes)
+    common = _common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes, softcap, scale)
     masks = dict(causal=causal, window=window, sink_tokens=sink_tokens)
     dq, dk, dv = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in (q, k, v))
 
@@ -390,14 +435,13 @@ def _flash_backward(do, q, k, v, out, lse, lengths, alibi_slopes, cu_seqlens, ca
     kv_table = key_block_ranges(q_lens, k_lens, c["BLOCK_M"], c["BLOCK_N"], **masks).to(q.device)
     _bwd_dq_kernel[(kv_table.shape[1], num_seqs * hq)](
         q, k, v, do, dq, lse, delta, KV_BLOCKS=kv_table, **_strides(q=q, k=k, v=v, do=do), num_heads=hq,
-        num_q_blocks=kv_table.shape[1], qk_scale=scale * LOG2E.value, sm_scale=scale, **common, **c)
+        num_q_blocks=kv_table.shape[1], sm_scale=scale, **common, **c)
 
     c = cfg["dkdv"]
     q_table = query_block_ranges(q_lens, k_lens, c["BLOCK_M"], c["BLOCK_N"], **masks).to(q.device)
     _bwd_dkdv_kernel[(q_table.shape[1], num_seqs * hkv)](
         q, k, v, do, dk, dv, lse, delta, Q_BLOCKS=q_table, **_strides(q=q, k=k, v=v, do=do), num_heads=hq,
-        num_kv_heads=hkv, num_k_blocks=q_table.shape[1], qk_scale=scale * LOG2E.value, sm_scale=scale,
-        **common, **c)
+        num_kv_heads=hkv, num_k_blocks=q_table.shape[1], sm_scale=scale, **common, **c)
     return dq, dk, dv, delta
 
 
@@ -408,14 +452,14 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Triton flash attention; differentiable in q, k, v and sink_logits (not in alibi_slopes)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sink_logits, alibi_slopes, cu_seqlens, causal, window, sink_tokens, scale):
+    def forward(ctx, q, k, v, sink_logits, alibi_slopes, cu_seqlens, causal, window, sink_tokens, softcap, scale):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         # Host-side sequence lengths (a device-to-host copy of cu_seqlens), shared with the backward.
         ctx.lengths = _lengths(cu_seqlens, q.shape[2], k.shape[2])
         out, lse = _flash_forward(q, k, v, ctx.lengths, alibi_slopes, sink_logits, cu_seqlens, causal, window,
-                                  sink_tokens, scale)
+                                  sink_tokens, softcap, scale)
         ctx.save_for_backward(q, k, v, out, lse, sink_logits, alibi_slopes, cu_seqlens)
-        ctx.options = (causal, window, sink_tokens, scale)
+        ctx.options = (causal, window, sink_tokens, softcap, scale)
         return out
 
     @staticmethod
@@ -429,7 +473,7 @@ class FlashAttentionFunction(torch.autograd.Function):
             # d sink_h = -sum over rows of p_sink * delta, with p_sink = exp(sink_h - lse).
             p_sink = torch.exp2(sink_logits.float()[None, :, None] * LOG2E.value - lse)
             d_sink = -(p_sink * delta).sum(dim=(0, 2)).to(sink_logits.dtype)
-        return dq, dk, dv, d_sink, None, None, None, None, None, None
+        return dq, dk, dv, d_sink, None, None, None, None, None, None, None
 
 
 # -------------------------------------------------------------------------------------- public API
@@ -438,8 +482,8 @@ BACKENDS = ("auto", "triton", "blocked", "reference")
 
 
 def flash_attention(q, k, v, *, causal=True, window=None, sink_tokens=0, alibi_slopes=None, sink_logits=None,
-                    cu_seqlens=None, position_ids=None, scale=None, backend="auto"):
-    """Memory-efficient softmax attention with sliding windows, sinks, ALiBi and packed documents.
+                    softcap=None, cu_seqlens=None, position_ids=None, scale=None, backend="auto"):
+    """Memory-efficient softmax attention with sliding windows, sinks, ALiBi, logit softcaps and packed documents.
 
     Args:
         q: `[B, Hq, N, D]` queries; fp32, fp16 or bf16. D up to 128 for Triton (32, 64, 96, 128
@@ -455,11 +499,16 @@ def flash_attention(q, k, v, *, causal=True, window=None, sink_tokens=0, alibi_s
         sink_tokens: S >= 0; with a window, keys 0..S-1 stay visible to every query (still
             causal) on top of the window (StreamingLLM). Without a window every key is already
             visible and S has no effect.
-        alibi_slopes: `[Hq]` fp32; adds -slope_h * |i - j| to the scaled scores (i, j positions).
+        alibi_slopes: `[Hq]` fp32; adds -slope_h * |i - j| to the scaled (and capped) scores (i, j positions).
             Not materialised; not differentiated.
         sink_logits: `[Hq]`; one learnable logit per head (in scaled-score units) joins the
             softmax denominator: softmax over [scores, sink_h] with the sink column carrying no
-            value (gpt-oss). Differentiable.
+            value (gpt-oss). Never capped by softcap. Differentiable.
+        softcap: attention-logit softcap c > 0 (Gemma 2's `attn_logit_softcapping`), or None.
+            In the order of transformers' Gemma 2 `eager_attention_forward`: the scores
+            s = q·k^T·scale become c·tanh(s / c), THEN the ALiBi bias and the mask are added,
+            then the softmax (with the sink column) is taken. The backward recomputes tanh
+            from the raw scores: d s = d capped · (1 - tanh²(s / c)).
         cu_seqlens: int32 `[num_docs + 1]`, 0 = cu[0] <= ... <= cu[-1] = N; packed documents
             (B == 1, N == M). No attention crosses a document boundary, and positions (for
             causal, window, sinks, ALiBi) restart at 0 in every document.
@@ -481,7 +530,7 @@ def flash_attention(q, k, v, *, causal=True, window=None, sink_tokens=0, alibi_s
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     options = dict(causal=causal, window=window, sink_tokens=sink_tokens, alibi_slopes=alibi_slopes,
-                   sink_logits=sink_logits)
+                   sink_logits=sink_logits, softcap=softcap)
     if backend == "reference":
         return flash_attention_reference(q, k, v, cu_seqlens=cu_seqlens, position_ids=position_ids, scale=scale,
                                          **options)
@@ -493,4 +542,4 @@ def flash_attention(q, k, v, *, causal=True, window=None, sink_tokens=0, alibi_s
         raise ValueError(f"backend='triton' supports fp32/fp16/bf16 and head dim <= 128, got {q.dtype} and "
                          f"D={q.shape[-1]}")
     return FlashAttentionFunction.apply(q, k, v, sink_logits, alibi_slopes, cu_seqlens, causal, window, sink_tokens,
-                                        scale)
+                                        softcap, scale)

@@ -10,6 +10,7 @@ Triton launcher so that every backend validates and masks the same way.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -34,8 +35,8 @@ def _cu_seqlens_from_position_ids(position_ids: torch.Tensor, n: int) -> torch.T
     return bounds.to(torch.int32)
 
 
-def check_inputs(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink_logits, cu_seqlens, position_ids,
-                 scale) -> tuple[torch.Tensor | None, float]:
+def check_inputs(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink_logits, softcap, cu_seqlens,
+                 position_ids, scale) -> tuple[torch.Tensor | None, float]:
     """Validate the arguments of `flash_attention`; return `(cu_seqlens or None, scale)`.
 
     Raises ValueError naming the offending value and what is accepted. `position_ids` is
@@ -64,6 +65,10 @@ def check_inputs(q, k, v, *, causal, window, sink_tokens, alibi_slopes, sink_log
             raise ValueError(f"window must be an int >= 1 (keys visible per query, itself included), got {window!r}")
     if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
         raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be a finite number > 0 (Gemma 2's attn_logit_softcapping) or None, got "
+                         f"{softcap!r}")
     for name, t in (("alibi_slopes", alibi_slopes), ("sink_logits", sink_logits)):
         if t is not None and tuple(t.shape) != (hq,):
             raise ValueError(f"{name} must have shape [Hq] = [{hq}], got {list(t.shape)}")
@@ -116,11 +121,13 @@ def visible(q_pos, k_pos, *, causal: bool, window: int | None, sink_tokens: int,
     return ok
 
 
-def attend(q, k, v, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale):
+def attend(q, k, v, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale, softcap):
     """Softmax attention of q `[B, Hq, n, D]` over k/v `[B, Hkv, m, D]` in q's dtype.
 
-    mask `[n, m]` bool (True = visible) or None; ALiBi adds -slope_h * |q_pos - k_pos| to the
-    scaled scores; sink_logits `[Hq]` joins the softmax denominator as a column without value.
+    mask `[n, m]` bool (True = visible) or None. In order, as Gemma 2's eager attention: the
+    scores q·k^T·scale are capped to softcap·tanh(scores / softcap) (if softcap), ALiBi adds
+    -slope_h * |q_pos - k_pos|, the mask applies; sink_logits `[Hq]` (never capped) joins the
+    softmax denominator as a column without value.
     The query heads of a GQA group are folded into the row dimension so K/V are never repeated.
     Every row must see at least one key (callers guarantee it), else it comes out NaN.
     """
@@ -128,6 +135,8 @@ def attend(q, k, v, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale):
     hkv, m = k.shape[1], k.shape[2]
     g = hq // hkv
     scores = torch.matmul(q.reshape(b, hkv, g * n, d), k.transpose(-1, -2)).view(b, hkv, g, n, m) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if alibi_slopes is not None:
         distance = (q_pos[:, None] - k_pos[None, :]).abs().to(q.dtype)
         scores = scores - alibi_slopes.to(q.dtype).view(1, hkv, g, 1, 1) * distance
@@ -142,16 +151,16 @@ def attend(q, k, v, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale):
 
 
 def flash_attention_reference(q, k, v, *, causal=True, window=None, sink_tokens=0, alibi_slopes=None,
-                              sink_logits=None, cu_seqlens=None, position_ids=None, scale=None):
+                              sink_logits=None, softcap=None, cu_seqlens=None, position_ids=None, scale=None):
     """Dense reference for `hf_longctx.kernels.flash_attention` (same arguments and semantics).
 
     Materialises the `[N, M]` mask and `[B, Hq, N, M]` scores: O(N·M) memory, for tests and
     tiny inputs. Computes in the inputs' dtype; pass float64 for an exact oracle.
     """
     cu_seqlens, scale = check_inputs(q, k, v, causal=causal, window=window, sink_tokens=sink_tokens,
-                                     alibi_slopes=alibi_slopes, sink_logits=sink_logits, cu_seqlens=cu_seqlens,
-                                     position_ids=position_ids, scale=scale)
+                                     alibi_slopes=alibi_slopes, sink_logits=sink_logits, softcap=softcap,
+                                     cu_seqlens=cu_seqlens, position_ids=position_ids, scale=scale)
     n, m = q.shape[2], k.shape[2]
     q_pos, q_doc, k_pos, k_doc = token_positions(n, m, cu_seqlens, q.device)
     mask = visible(q_pos, k_pos, causal=causal, window=window, sink_tokens=sink_tokens, q_doc=q_doc, k_doc=k_doc)
-    return attend(q, k, v, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale)
+    return attend(q, k, v, mask, q_pos, k_pos, alibi_slopes, sink_logits, scale, softcap)
