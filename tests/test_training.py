@@ -49,6 +49,8 @@ HUB_TOKEN = "hf_fake_hub_token"
 HUB_REPO = "tester/tiny-recipe"
 MOE_PATCH = {"rope": {"type": "yarn", "factor": 4.0}, "moe": {"num_experts": 4, "top_k": 2}}
 
+TINY_SPEC = {"rope": {"type": "yarn", "factor": 4.0}, "loss": {"chunk_size": 128}}  # recipes/configs/tiny.yaml
+
 
 def _doc(length: int, seed: int) -> list[int]:
     return tokens(1, length, seed=seed)[0].tolist()
@@ -320,7 +322,7 @@ def test_recipe_logs_falling_loss_and_saves_patched_model(runs):
     assert [step for step, _ in losses] == list(range(1, 21))
     assert losses[-1][1] < 0.75 * losses[0][1], losses
     model = hf_longctx.from_pretrained(runs["full"])
-    assert hf_longctx.applied_sections(model) == {"rope": {"type": "yarn", "factor": 4.0}}
+    assert hf_longctx.applied_sections(model) == TINY_SPEC
     assert model.config.max_position_embeddings == 256
     initial = load_model(parse_args(["--config", str(TINY)])[0], seed=0).state_dict()
     trained = model.state_dict()
@@ -391,7 +393,7 @@ def test_lora_run_under_fsdp_saves_adapter_and_merged_patched_model(runs):
     assert any("lora_B" in k for k in adapter) and any("embed_tokens" in k for k in adapter)
     assert any(torch.count_nonzero(v) for k, v in adapter.items() if "lora_B" in k)  # lora_B starts at 0
     merged = hf_longctx.from_pretrained(out)
-    assert hf_longctx.applied_sections(merged) == {"rope": {"type": "yarn", "factor": 4.0}}
+    assert hf_longctx.applied_sections(merged) == TINY_SPEC
     model_args = parse_args(["--config", str(TINY)])[0]
     expected = merge_adapter(model_args, 0, out / "adapter").state_dict()
     for key, value in merged.state_dict().items():
@@ -401,7 +403,7 @@ def test_lora_run_under_fsdp_saves_adapter_and_merged_patched_model(runs):
 def test_push_to_hub_uploads_model_with_patch_and_card(runs):
     files = runs["hub"].files(HUB_REPO)
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
-    assert json.loads(files["config.json"])["hf_longctx"] == {"rope": {"type": "yarn", "factor": 4.0}}
+    assert json.loads(files["config.json"])["hf_longctx"] == TINY_SPEC
     weights = load(files["model.safetensors"])
     assert set(weights) == set(load_model(parse_args(["--config", str(TINY)])[0], seed=0).state_dict())
     assert "- **rope**: `type` = 'yarn', `factor` = 4.0" in files["README.md"].decode()

@@ -1,14 +1,12 @@
 """The ``loss`` patch: the model's own training loss, computed in chunks over the hidden states.
 
-With ``labels``, the patched forward runs the model's own forward with ``logits_to_keep`` set to
-no position at all (so the ``[B, N, vocab]`` logits are never built), keeps the decoder's last
-hidden state (a forward hook on the decoder), and calls the output head with the labels: the
-head's own forward contribution computes :func:`~hf_longctx.loss.chunked.causal_lm_loss`, so that
-FSDP's hooks on the head gather its weight and reduce-scatter its gradient as for the standard
-logits. What the model adds to its loss beyond the cross-entropy (a native MoE's
-``router_aux_loss_coef * aux_loss``) is added the same way; the ``moe`` patch's router losses wrap
-this from the outside. Calls without labels go to the model untouched. The output has
-``logits=None``.
+With ``labels``, the patched forward runs the decoder (so the ``[B, N, vocab]`` logits are never
+built) and calls the output head once, with the labels: the head's own forward contribution
+computes :func:`~hf_longctx.loss.chunked.causal_lm_loss`, so that FSDP's hooks on the head gather
+its weight and reduce-scatter its gradient as for the standard logits. What a native MoE adds to
+its loss (``router_aux_loss_coef`` times its module's ``load_balancing_loss_func`` of the router
+logits) is added as the model adds it; the ``moe`` patch's router losses wrap this from the
+outside. Calls without labels go to the model untouched. The output has ``logits=None``.
 
 What the head does after its matmul (Granite's ``logits_scaling``, Cohere's ``logit_scale``,
 Gemma's ``final_logit_softcapping``) is found by :func:`head_transform`: before anything is
@@ -20,12 +18,16 @@ differ: a head this file does not know is refused, never trained with a differen
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
+import sys
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from ..config_base import SpecError
 from ..families import get_family
@@ -64,6 +66,11 @@ def _last_hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output.last_hidden_state
 
 
+def _load_balancing_loss(model: nn.Module):
+    """The router loss function of a native MoE family's modeling module (Mixtral's), or None."""
+    return getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+
+
 def _chunked_forward(model: nn.Module, head: nn.Module, inner, args: tuple, kwargs: dict, head_loss=None):
     """``inner`` (a causal LM forward) with its loss computed by ``head(hidden, labels=...)`` (or ``head_loss``,
     a function of the same arguments); see the module docstring."""
@@ -75,18 +82,23 @@ def _chunked_forward(model: nn.Module, head: nn.Module, inner, args: tuple, kwar
         raise ValueError("the output embedding was replaced after the 'loss' patch (is lm_head a LoRA target?)")
     num_items_in_batch = arguments.pop("num_items_in_batch", None)
     return_dict = arguments.pop("return_dict", None)
-    arguments["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=head.weight.device)
-    captured: list[torch.Tensor] = []
-    hook = get_family(model).decoder(model).register_forward_hook(lambda _m, _a, out: captured.append(_last_hidden(out)))
-    try:
-        out = inner(**arguments, return_dict=True)
-    finally:
-        hook.remove()
-    loss = (head_loss or head)(captured[0], labels=labels, num_items_in_batch=num_items_in_batch)
-    aux_loss = out.get("aux_loss")
-    if aux_loss is not None:  # what the model's own forward adds to the loss of its labels
+    arguments.pop("logits_to_keep", None)
+    config = model.config.get_text_config(decoder=True)
+    if arguments.get("output_router_logits") is None and getattr(config, "output_router_logits", None) is not None:
+        arguments["output_router_logits"] = config.output_router_logits
+    # The decoder, then the head once: the head must not run twice in a step (FSDP hooks on it).
+    outputs = get_family(model).decoder(model)(**arguments)
+    loss = (head_loss or head)(_last_hidden(outputs), labels=labels, num_items_in_batch=num_items_in_batch)
+    fields = dict(outputs.items()) if isinstance(outputs, ModelOutput) else {}
+    aux_loss = None
+    if arguments.get("output_router_logits") and fields.get("router_logits") is not None:  # as the model adds it
+        aux_loss = _load_balancing_loss(model)(fields["router_logits"], model.num_experts, model.num_experts_per_tok,
+                                               arguments.get("attention_mask"))
         loss = loss + _router_aux_coef(model) * aux_loss.to(loss.device)
-    out.loss, out.logits = loss, None
+    output_class = MoeCausalLMOutputWithPast if "router_logits" in fields else CausalLMOutputWithPast
+    names = {f.name for f in dataclasses.fields(output_class)} - {"loss", "logits", "aux_loss"}
+    out = output_class(loss=loss, logits=None, **{k: v for k, v in fields.items() if k in names},
+                       **({"aux_loss": aux_loss} if output_class is MoeCausalLMOutputWithPast else {}))
     return out.to_tuple() if return_dict is False else out
 
 
@@ -111,9 +123,12 @@ def _check(model: nn.Module, section: LossSpec, spec) -> None:
     if "logits_to_keep" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         raise SpecError(f"'loss' is not supported for model_type '{name}': its forward has no logits_to_keep, "
                         "so the full logits could not be skipped")
-    if getattr(model.config, "output_router_logits", None) is not None and _router_aux_coef(model) is None:
-        raise SpecError(f"'loss' is not supported for model_type '{name}': it returns router losses but has no "
-                        "router_aux_loss_coef to weigh them with")
+    if getattr(model.config.get_text_config(decoder=True), "output_router_logits", None) is not None and (
+            _router_aux_coef(model) is None or _load_balancing_loss(model) is None
+            or not hasattr(model, "num_experts") or not hasattr(model, "num_experts_per_tok")):
+        raise SpecError(f"'loss' is not supported for model_type '{name}': it returns router losses that the "
+                        "chunked path cannot reproduce (no router_aux_loss_coef, load_balancing_loss_func, "
+                        "num_experts or num_experts_per_tok)")
     head_transform(model, section)
 
 
@@ -164,8 +179,12 @@ def head_transform(model: nn.Module, section: LossSpec = LossSpec()) -> HeadTran
                 f"that none of {list(errors)} reproduces (closest: relative difference {errors[transform]:.2g}); "
                 "the chunked loss would train a different objective"
             )
-        ours = _chunked_forward(model, head, own_forward, (ids,), dict(labels=ids, use_cache=False, **kwargs),
-                                head_loss=_head_forward(head, head.forward, section.chunk_size, transform))
+        try:
+            ours = _chunked_forward(model, head, own_forward, (ids,), dict(labels=ids, use_cache=False, **kwargs),
+                                    head_loss=_head_forward(head, head.forward, section.chunk_size, transform))
+        except Exception as err:  # noqa: BLE001  the decoder alone does not run as the model runs it
+            raise SpecError(f"'loss' is not supported for model_type '{model.config.model_type}': its decoder "
+                            f"does not run on its own ({type(err).__name__}: {err})") from err
     finally:
         hook.remove()
         model.train(was_training)
