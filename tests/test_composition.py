@@ -173,7 +173,7 @@ def test_copy_upcycled_moe_with_a_wide_streaming_window_generates_the_plain_mode
 # --- families whose heads and attention do more than Llama's -------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["auto", "sdpa", "eager", "flex"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "sdpa", "eager", "flex"])
 def test_gemma2_softcaps_survive_a_window_wider_than_the_input(backend):
     native = gemma2_with_biting_softcaps(sliding_window=8)
     ids = tokens(2, 30)
@@ -186,6 +186,20 @@ def test_gemma2_softcaps_survive_a_window_wider_than_the_input(backend):
     model = copy.deepcopy(native)
     hl.patch(model, {"attention": {"backend": backend, "sliding_window": 64, "sink_tokens": 2}})
     torch.testing.assert_close(_logits(model, ids), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_gemma2_attention_softcap_gradients_through_the_kernels(backend):
+    """The kernels' softcap backward: the loss and every gradient of the patched model equal the native ones."""
+    native = gemma2_with_biting_softcaps(sliding_window=8).train()
+    model = copy.deepcopy(native)
+    hl.patch(model, {"attention": {"backend": backend, "sliding_window": 64}})
+    ids = tokens(2, 24)
+    losses = [m(ids, labels=ids).loss for m in (native, model)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    for (name, _), got, want in zip(model.named_parameters(), torch.autograd.grad(losses[1], list(model.parameters())),
+                                    torch.autograd.grad(losses[0], list(native.parameters()))):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("backend", ["auto", "sdpa"])

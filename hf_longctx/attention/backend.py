@@ -160,20 +160,15 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
             documents = packed_documents(position_ids, query.shape[0], q_len, kv_len)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         flex = backend == "flex" and (query.is_cuda or not needs_grad)  # flex has no backward on the CPU
-        # The kernels have no dropout and no padding mask; the Triton kernel has no softcap input (flex has).
-        if (backend in _DENSE_BACKENDS or attention_mask is not None or dropout > 0
-                or (softcap is not None and not flex)):
+        if backend in _DENSE_BACKENDS or attention_mask is not None or dropout > 0:  # the kernels: no mask, no dropout
             if attention_mask is None:
                 attention_mask = window_sink_mask(causal_mask(q_len, kv_len, query.device, documents), window, sinks)
             return dense_attention(query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                    alibi_slopes=slopes, sink_logits=sink_logits, softcap=softcap,
                                    use_sdpa=backend != "eager")
-        if flex:
-            run = partial(flex_path, softcap=softcap)
-        else:
-            run = partial(kernel_path, backend="triton" if backend == "triton" else "auto")
+        run = flex_path if flex else partial(kernel_path, backend="triton" if backend == "triton" else "auto")
         options = dict(scaling=scaling, window=window, sink_tokens=sinks, alibi_slopes=slopes,
-                       sink_logits=sink_logits)
+                       sink_logits=sink_logits, softcap=softcap)
         if documents is None:
             return run(query, key, value, cu_seqlens=None, **options), None
         # cu_seqlens describes one packed row: run the rows one by one.

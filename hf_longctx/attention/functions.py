@@ -159,7 +159,7 @@ def flex_path(query, key, value, *, scaling, window, sink_tokens, alibi_slopes, 
 
 
 def kernel_path(query, key, value, *, scaling, window, sink_tokens, alibi_slopes, sink_logits, cu_seqlens,
-                backend):
+                backend, softcap=None):
     """``hf_longctx.kernels.flash_attention`` (imported on first use: it imports triton); ``[B, N, Hq, D]``."""
     from ..kernels import flash_attention
 
@@ -167,5 +167,5 @@ def kernel_path(query, key, value, *, scaling, window, sink_tokens, alibi_slopes
         alibi_slopes = alibi_slopes.to(device=query.device, dtype=torch.float32)
     out = flash_attention(query, key, value, causal=True, window=window, sink_tokens=sink_tokens if window else 0,
                           alibi_slopes=alibi_slopes, sink_logits=sink_logits, cu_seqlens=cu_seqlens, scale=scaling,
-                          backend=backend)
+                          softcap=softcap, backend=backend)
     return out.transpose(1, 2).contiguous()
