@@ -50,6 +50,7 @@ from .functions import (causal_mask, cu_seqlens_of, dense_attention, flex_path, 
 logger = logging.getLogger(__name__)
 
 SINKS_PARAM = "sinks"
+NATIVE_WINDOW_ATTR = "hf_longctx_native_window"  # each attention module's native window, as the config gives it
 # exp(-25) ~ 1.4e-11 of the softmax mass: outputs move by far less than 1e-6 for any score >= -10,
 # yet the gradient exp(-25) * (...) is a normal float32, so the logits do train (-inf would not).
 SINK_INIT = -25.0
@@ -149,6 +150,8 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
         result.
         """
         _check_arguments(kwargs, position_ids, is_causal)
+        if sliding_window is None:  # a family that gives its window to the mask only (Phi-MoE)
+            sliding_window = getattr(module, NATIVE_WINDOW_ATTR, None)
         window, sinks = layer_window(sliding_window, own_window, sink_tokens)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         slopes = module_alibi_slopes(module)
@@ -245,6 +248,9 @@ def _probe(model: nn.Module, reference: torch.Tensor, backend: str) -> None:
         logits = _probe_logits(model)
     except UnsupportedAttentionArgument as err:
         raise SpecError(f"'attention' is not supported for model_type '{model.config.model_type}': {err}") from err
+    except Exception as err:  # noqa: BLE001  the family's attention cannot run through the function (HY-V4 indexes the mask)
+        raise SpecError(f"'attention' is not supported for model_type '{model.config.model_type}': its attention "
+                        f"fails through hf_longctx's function ({type(err).__name__}: {err})") from err
     finally:
         model.set_attn_implementation(name)
     tolerance = 1e-4 if model.dtype in (torch.float32, torch.float64) else 3e-2
@@ -261,6 +267,8 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
     reference = _probe_logits(model)
     name = attention_implementation(section.backend, section.sliding_window, section.sink_tokens)
     modules = family.attention_modules(model)
+    for attn, native in zip(modules, native_windows(model)):
+        setattr(attn, NATIVE_WINDOW_ATTR, native)
     if section.learnable_sinks:
         for attn in modules:
             reference = next(attn.parameters())
@@ -272,6 +280,8 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
 
     def undo():
         model.set_attn_implementation(previous_impl)
+        for attn in modules:
+            delattr(attn, NATIVE_WINDOW_ATTR)
         if section.learnable_sinks:
             for attn in modules:
                 delattr(attn, SINKS_PARAM)

@@ -124,8 +124,9 @@ def _check(model: nn.Module, section: StreamingSpec, spec) -> None:
         raise SpecError(f"'streaming' is not supported for model_type '{name}': its layers of type "
                         f"{', '.join(sorted(other_layers))} keep a state that a sink cache cannot hold")
     rotary = get_family(model).rotary_embedding(model)
-    if rotary is not None and not hasattr(rotary, "inv_freq") and not any(
-            n.endswith("_inv_freq") for n, _ in rotary.named_buffers()):
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if rotary is not None and not hasattr(rotary, "inv_freq") and not (
+            layer_types and all(hasattr(rotary, f"{kind}_inv_freq") for kind in layer_types)):
         raise SpecError(f"'streaming' is not supported for model_type '{name}': its rotary embedding "
                         f"({type(rotary).__name__}) has no inv_freq to re-rotate the cached keys with")
     own_window = getattr(config, "sliding_window", None)
