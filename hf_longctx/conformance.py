@@ -57,6 +57,7 @@ MATRIX_OVERRIDES = dict(
     attn_logit_softcapping=3.0,
 )
 MAX_PARAMETERS = 5_000_000  # a tiny config that still builds more than this is too large to run here
+SLOW_S = 2.0  # a tiny model whose own forward is slower than this (pure-PyTorch scan fallbacks) is not run
 TIMEOUT_S = 30  # per model type
 
 
@@ -315,8 +316,12 @@ def run_model_type(model_type: str) -> Row:
     try:
         with _time_limit(TIMEOUT_S):
             model = build(model_type)
+            begin = time.perf_counter()
             with torch.no_grad():  # transformers itself must run the longest input (absolute positions may not)
                 model(_tokens(LONG, model.config.get_text_config(decoder=True).vocab_size))
+            if time.perf_counter() - begin > SLOW_S:
+                raise TimeoutError(f"transformers' own forward takes over {SLOW_S:.0f} s at tiny size on this CPU "
+                                   "(a sequential fallback), too slow for the matrix's time budget")
     except Exception as err:  # noqa: BLE001  the tiny model itself does not build or run: no cell to fill
         row.built = f"{type(err).__name__}: {_one_line(err)}"
         row.seconds = time.perf_counter() - start

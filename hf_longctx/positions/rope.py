@@ -32,6 +32,7 @@ import warnings
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddingConfigMixin
 
@@ -167,6 +168,7 @@ def _rebuilt(model: nn.Module, section: RopeSpec) -> dict[str, nn.Module]:
         device = buffers[0].device if buffers else None
         try:
             fresh[path] = type(module)(config=config).to(device)
+            _run_once(fresh[path], device)
         except Exception as err:  # noqa: BLE001  any failure: this rotary cannot be rebuilt from a config
             raise SpecError(f"the rotary embedding at '{path}' ({type(module).__name__}) cannot be rebuilt from the "
                             f"scaled config ({type(err).__name__}: {err}); rope patches need rotary modules built "
@@ -174,8 +176,22 @@ def _rebuilt(model: nn.Module, section: RopeSpec) -> dict[str, nn.Module]:
     return fresh
 
 
+def _run_once(rotary: nn.Module, device) -> None:
+    """Run a rebuilt rotary on two positions (once per layer type it keeps frequencies for): a rotary that
+    reads keys of its own from the scaled config (Phi-MoE's mscales) fails here, not in the model's forward."""
+    x = torch.zeros(1, 1, 1, device=device)
+    positions = torch.arange(2, device=device)[None]
+    kinds = [name[: -len("_inv_freq")] for name, _ in rotary.named_buffers(recurse=False)
+             if name.endswith("_inv_freq") and not name.endswith(("original_inv_freq", "long_inv_freq"))]
+    for kind in kinds or [None]:
+        rotary(x, positions) if kind is None else rotary(x, positions, layer_type=kind)
+
+
 def _check(model: nn.Module, section: RopeSpec, spec) -> None:
     require_rotary(model)
+    if model.config.get_text_config(decoder=True) is not model.config:
+        raise SpecError(f"rope on '{model.config.model_type}' is not supported: its text model's config is a "
+                        "sub-config of a multimodal one, whose rotary scaling is not checked")
     family = get_family(model)
     config = text_config(model)
     types = scaled_types(model, section)
