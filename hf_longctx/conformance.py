@@ -57,7 +57,7 @@ MATRIX_OVERRIDES = dict(
     attn_logit_softcapping=3.0,
 )
 MAX_PARAMETERS = 5_000_000  # a tiny config that still builds more than this is too large to run here
-SLOW_S = 2.0  # a tiny model whose own forward is slower than this (pure-PyTorch scan fallbacks) is not run
+SLOW_S = 0.5  # a tiny model whose own forward is slower than this (pure-PyTorch scan fallbacks) is not run
 TIMEOUT_S = 30  # per model type
 
 
@@ -200,17 +200,13 @@ def _rope_spec(model, rope_type: str) -> dict:
 def _native_twin(model, patched_config):
     """transformers' own model built from the scaled config (set on the config object, as the patch
     sets it, so that a config class's rewrite on load is not part of the oracle), same weights."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
-    twin = AutoModelForCausalLM.from_config(copy.deepcopy(patched_config)).eval()
+    twin = type(model)(copy.deepcopy(patched_config)).eval()  # the same class (Emu3's text config has no Auto class)
     twin.load_state_dict(model.state_dict())
     return twin
 
 
 def _rope_type(model, rope_type: str, x, unpatched, unpatch_errors: list[str]) -> Cell:
-    from transformers import AutoModelForCausalLM
-
     from . import from_pretrained, patch, save_pretrained
     from .positions.rope import round_trips
 
@@ -228,7 +224,7 @@ def _rope_type(model, rope_type: str, x, unpatched, unpatch_errors: list[str]) -
         native = round_trips(model.config.get_text_config(decoder=True))
         with tempfile.TemporaryDirectory() as tmp:
             save_pretrained(model, tmp)
-            plain = _logits(AutoModelForCausalLM.from_pretrained(tmp).eval(), x)
+            plain = _logits(type(model).from_pretrained(tmp).eval(), x)  # transformers' own class, no plugin
             ok, error = _close(plain, ours if native else unpatched)
             _expect(ok, f"{rope_type}: plain reload ({'native' if native else 'original'} config) off by {error:.2e}")
             if not native:
@@ -320,7 +316,7 @@ def run_model_type(model_type: str) -> Row:
             with torch.no_grad():  # transformers itself must run the longest input (absolute positions may not)
                 model(_tokens(LONG, model.config.get_text_config(decoder=True).vocab_size))
             if time.perf_counter() - begin > SLOW_S:
-                raise TimeoutError(f"transformers' own forward takes over {SLOW_S:.0f} s at tiny size on this CPU "
+                raise TimeoutError(f"transformers' own forward takes over {SLOW_S} s at tiny size on this CPU "
                                    "(a sequential fallback), too slow for the matrix's time budget")
     except Exception as err:  # noqa: BLE001  the tiny model itself does not build or run: no cell to fill
         row.built = f"{type(err).__name__}: {_one_line(err)}"

@@ -10,7 +10,8 @@ Dispatch (semantics in :mod:`.functions`):
 
 - ``sdpa`` / ``eager``: the mask function builds the explicit window + sink mask
   ``[B, 1, N, M]``; torch SDPA or eager math applies it.
-- ``auto`` / ``triton`` / ``flex``: the mask function returns None whenever the kernel's
+- ``auto`` / ``triton`` / ``flex``: the mask function returns no mask (a :class:`KernelGeometry`
+  carrying the layers' native window) whenever the kernel's
   own geometry is exact (no padding, keys are the tokens ``0..M-1`` with the queries last:
   prefill, chunked prefill and decode with a dynamic cache). The attention function then
   runs the kernel (``auto``: Triton on CUDA, the blocked O(N·W) path on the CPU) or flex,
@@ -50,7 +51,6 @@ from .functions import (causal_mask, cu_seqlens_of, dense_attention, flex_path, 
 logger = logging.getLogger(__name__)
 
 SINKS_PARAM = "sinks"
-NATIVE_WINDOW_ATTR = "hf_longctx_native_window"  # each attention module's native window, as the config gives it
 # exp(-25) ~ 1.4e-11 of the softmax mass: outputs move by far less than 1e-6 for any score >= -10,
 # yet the gradient exp(-25) * (...) is a normal float32, so the logits do train (-inf would not).
 SINK_INIT = -25.0
@@ -66,6 +66,14 @@ def _structured_geometry(q_length, kv_length, q_offset, kv_offset, attention_mas
     if kv_offset != 0 or q_offset + q_length != kv_length:
         return False
     return attention_mask is None or bool(attention_mask[:, -kv_length:].all())
+
+
+class KernelGeometry:
+    """What the mask function returns instead of a mask when the kernels' own geometry is exact: the
+    native window of the layers the mask is for (transformers' ``local_size``; None: full attention)."""
+
+    def __init__(self, local_size: int | None):
+        self.local_size = local_size
 
 
 def layer_window(native: int | None, window: int | None, sink_tokens: int) -> tuple[int | None, int]:
@@ -113,7 +121,7 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
     def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
                       mask_function=causal_mask_function, attention_mask=None, local_size=None, device="cpu",
                       use_vmap=False, **kwargs):
-        """AttentionMaskInterface: None (kernel geometry is exact) or bool ``[B, 1, N, M]``.
+        """AttentionMaskInterface: a KernelGeometry (the kernels' geometry is exact) or bool ``[B, 1, N, M]``.
 
         ``local_size`` is the native window of the layers this mask is for (transformers passes it for
         its sliding-window masks, whose ``mask_function`` already holds that window).
@@ -121,7 +129,7 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
         window, sinks = layer_window(local_size, sliding_window, sink_tokens)
         if backend not in _DENSE_BACKENDS and _structured_geometry(q_length, kv_length, q_offset, kv_offset,
                                                                   attention_mask):
-            return None
+            return KernelGeometry(local_size)
         mask = partial(sdpa_mask, batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                        kv_offset=kv_offset, attention_mask=attention_mask, allow_is_causal_skip=False,
                        use_vmap=use_vmap, device=device)
@@ -144,15 +152,17 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
                           softcap=None, s_aux=None, position_ids=None, is_causal=None, **kwargs):
         """AttentionInterface: q ``[B, Hq, N, D]``, k/v ``[B, Hkv, M, D]`` -> ``([B, N, Hq, D], weights)``.
 
-        Honours the family's per-layer arguments: ``sliding_window`` (the layer's native window,
-        narrowed by the patched one), ``softcap`` (Gemma 2 attention logit softcap), ``s_aux`` (gpt-oss
-        sink logits), ``scaling`` and ``dropout``; raises for any other argument that would change the
-        result.
+        Honours the family's per-layer arguments: ``softcap`` (Gemma 2 attention logit softcap), ``s_aux``
+        (gpt-oss sink logits), ``scaling`` and ``dropout``; the layer's native window comes with its mask
+        and is narrowed by the patched one. Raises for any other argument that would change the result.
         """
         _check_arguments(kwargs, position_ids, is_causal)
-        if sliding_window is None:  # a family that gives its window to the mask only (Phi-MoE)
-            sliding_window = getattr(module, NATIVE_WINDOW_ATTR, None)
-        window, sinks = layer_window(sliding_window, own_window, sink_tokens)
+        # The layer's native window is the one its mask was built with (what transformers' sdpa and eager do);
+        # a family's sliding_window argument alone (read by flash-attention only, e.g. Moshi) is not.
+        native = None
+        if isinstance(attention_mask, KernelGeometry):
+            native, attention_mask = attention_mask.local_size, None
+        window, sinks = layer_window(native, own_window, sink_tokens)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         slopes = module_alibi_slopes(module)
         sink_logits = s_aux if s_aux is not None else getattr(module, SINKS_PARAM, None)
@@ -267,8 +277,6 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
     reference = _probe_logits(model)
     name = attention_implementation(section.backend, section.sliding_window, section.sink_tokens)
     modules = family.attention_modules(model)
-    for attn, native in zip(modules, native_windows(model)):
-        setattr(attn, NATIVE_WINDOW_ATTR, native)
     if section.learnable_sinks:
         for attn in modules:
             reference = next(attn.parameters())
@@ -280,8 +288,6 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
 
     def undo():
         model.set_attn_implementation(previous_impl)
-        for attn in modules:
-            delattr(attn, NATIVE_WINDOW_ATTR)
         if section.learnable_sinks:
             for attn in modules:
                 delattr(attn, SINKS_PARAM)
