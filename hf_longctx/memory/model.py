@@ -28,6 +28,14 @@ loss of segment t* back-propagates through segments t*-K+1..t* exactly, and no l
 back-propagates through more than K segments. (An exact window of K for the loss of *every*
 segment at once would need K backward passes per segment.) Segments that hold no loss and lie
 before the window run without autograd, which bounds training memory by K segments.
+
+Generation (``generate``) is transformers' own ``GenerationMixin.generate``, with every decoding
+strategy and argument it has except those that roll the state back (assisted decoding): the
+recurrence lives in a :class:`~hf_longctx.memory.cache.RecurrentMemoryCache`, which ``generate``
+carries from step to step and reorders with the beams. A cached call appends its tokens to the open
+segment (the read memory goes in front of the segment's first token, the write slots after its
+``segment_length``-th), so the tokens equal those of re-running :meth:`forward` on the whole sequence
+at every step (``use_cache=False``).
 """
 
 from __future__ import annotations
@@ -35,28 +43,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import Cache, GenerationConfig, GenerationMixin
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.utils import ModelOutput
 
 from ..config_base import SpecError
 from ..patching import Applied, Technique, register_technique
+from .cache import CACHE_KWARG, RecurrentMemoryCache
 from .config import MemorySpec
 
 logger = logging.getLogger(__name__)
 
 EXTRA_KEY = "memory_embeddings"  # name of the memory parameter in hf_longctx_extra.safetensors
-_GENERATE_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id")
 
 
 @dataclass
@@ -64,23 +66,48 @@ class RecurrentMemoryOutput(ModelOutput):
     """Output of :class:`RecurrentMemoryModel`.
 
     loss: scalar causal-LM loss over the real tokens (labels shifted as in transformers), or None.
-    logits: ``[B, N, V]`` logits of the N real tokens (memory positions removed).
-    memory: ``[B, M, H]`` memory written by the last segment (read memory of the next call).
+    logits: ``[B, K, V]`` logits of the real tokens (memory positions removed): all N input tokens, or
+        the last ``logits_to_keep``.
+    hidden_states: with ``output_hidden_states``, the embedding output and every layer's output at the
+        real tokens' positions, each ``[B, N, H]``.
+    memory: ``[B, M, H]`` memory written by the last segment (read memory of the next call); None for a
+        cached call, whose state is in the returned cache.
+    A cached call also returns its :class:`RecurrentMemoryCache` under ``CACHE_KWARG`` (``output.cache``).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
     memory: torch.Tensor | None = None
 
 
-class RecurrentMemoryModel(nn.Module):
+class _Piece(NamedTuple):
+    """One base-model call on consecutive tokens of one segment."""
+
+    logits: torch.Tensor  # [B, k, V]: the kept tokens' logits
+    hidden_states: tuple[torch.Tensor, ...] | None  # per layer [B, n, H] at the tokens, if asked for
+    written: torch.Tensor | None  # [B, M, H]: the new memory, when the piece closed the segment
+    cache: Cache | None  # the base model's cache of the segment so far (cached calls)
+    mask: torch.Tensor | None  # [B, positions in cache] attention mask of the segment so far
+
+
+class RecurrentMemoryModel(nn.Module, GenerationMixin):
     """A causal LM reading and writing ``memory_tokens`` learned memory vectors per segment.
 
     Built by ``hf_longctx.patch(model, {"memory": {...}})``; see the module docstring for the
-    segment layout, the position policy and truncated BPTT. The wrapped transformers model is
-    ``hf_longctx_base`` (a submodule: ``parameters()``, ``to()``, ``train()`` cover both).
+    segment layout, the position policy, truncated BPTT and generation. The wrapped transformers model
+    is ``hf_longctx_base`` (a submodule: ``parameters()``, ``to()``, ``train()`` cover both).
     LoRA: apply PEFT to ``wrapper.hf_longctx_base``; the memory parameter stays trainable.
     """
+
+    main_input_name = "input_ids"
+    # Assisted decoding rolls the state back to a token, which a closed segment cannot do: generate refuses it.
+    _supported_generation_modes = (
+        GenerationMode.GREEDY_SEARCH,
+        GenerationMode.SAMPLE,
+        GenerationMode.BEAM_SEARCH,
+        GenerationMode.BEAM_SAMPLE,
+    )
 
     def __init__(self, model: nn.Module, spec: MemorySpec):
         super().__init__()
@@ -92,7 +119,7 @@ class RecurrentMemoryModel(nn.Module):
         init = torch.randn(spec.memory_tokens, embedding.shape[1], device=embedding.device) * embedding.detach().float().std()
         self.memory = nn.Parameter(init.to(embedding.dtype))  # [M, H]: the read memory of the first segment
 
-    # -- integration with the patching core and the hub -------------------------------------------
+    # -- integration with the patching core, the hub and GenerationMixin ---------------------------
 
     @property
     def hf_longctx_base(self) -> nn.Module:
@@ -103,8 +130,13 @@ class RecurrentMemoryModel(nn.Module):
         return self.model.config
 
     @property
-    def generation_config(self):
+    def generation_config(self) -> GenerationConfig:
+        """The base model's generation config: the defaults of ``generate``, saved and loaded with the model."""
         return self.model.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig) -> None:
+        self.model.generation_config = value
 
     @property
     def device(self) -> torch.device:
@@ -113,6 +145,18 @@ class RecurrentMemoryModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.memory.dtype
+
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        """Asked by ``generate`` (as of a ``PreTrainedModel``): this class is never code loaded from the Hub."""
+        return False
+
+    def get_experts_implementation(self) -> dict[str, str | None]:
+        """The base model's MoE experts implementation (``generate`` switches it for decoding off the CPU)."""
+        return self.model.get_experts_implementation()
+
+    def set_experts_implementation(self, experts_implementation: str | dict) -> None:
+        self.model.set_experts_implementation(experts_implementation)
 
     def hf_longctx_extra_state_dict(self) -> dict[str, torch.Tensor]:
         """The wrapper's own tensors, saved next to the base weights: ``{"memory_embeddings": [M, H]}``."""
@@ -131,7 +175,7 @@ class RecurrentMemoryModel(nn.Module):
             self.memory.copy_(value.to(self.memory.dtype))
 
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
-        """``hf_longctx.save_pretrained``: base weights, config with the spec, memory embeddings (safetensors)."""
+        """``hf_longctx.save_pretrained``: base weights, config with the spec, generation config, memory embeddings."""
         from ..hub import save_pretrained
 
         return save_pretrained(self, path, **kwargs)
@@ -154,39 +198,60 @@ class RecurrentMemoryModel(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
 
-    def _run(self, embeds, mask, cache=None, logits_to_keep: int | torch.Tensor = 1, hidden: bool = False):
-        """One call of the base model on ``embeds`` ``[B, n, H]``; ``mask`` ``[B, cached + n]`` or None.
+    def _piece(
+        self,
+        memory: torch.Tensor,
+        embeds: torch.Tensor,
+        mask: torch.Tensor | None,
+        state: RecurrentMemoryCache | None,
+        close: bool,
+        keep: range,
+        hidden: bool,
+    ) -> _Piece:
+        """Run the next tokens of one segment through the base model.
 
-        Positions are the model's default: ``cached .. cached + n - 1`` (segment-local).
+        ``memory`` ``[B, M, H]`` is the segment's read memory, also the input of its write slots;
+        ``embeds`` ``[B, n, H]`` and ``mask`` ``[B, n]`` (None: no padding) are its next n tokens.
+        ``state`` holds the segment's earlier tokens on a base-model cache; when it holds none (or is
+        None: no cache is kept), the tokens open the segment and the read memory goes in front of them.
+        ``close``: the write slots follow the tokens, and their last hidden states (after the final
+        norm) are the new memory, except for a sample whose segment held only padding.
+        ``keep``: the tokens (0..n-1) whose logits are computed.
         """
-        return self.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            cache=cache,
-            use_cache=cache is not None,
-            output_hidden_states=hidden,
-            logits_to_keep=logits_to_keep,
-        )
-
-    def _segment(self, memory, embeds, mask):
-        """Run one segment: ``memory`` ``[B, M, H]``, ``embeds`` ``[B, l, H]``, ``mask`` ``[B, l]`` or None.
-
-        Returns the tokens' logits ``[B, l, V]`` and the written memory ``[B, M, H]``.
-        """
-        batch, length = embeds.shape[:2]
+        batch, n = embeds.shape[:2]
         m = self.memory_tokens
-        full_mask = None
-        if mask is not None:
-            ones = mask.new_ones(batch, m)
-            full_mask = torch.cat([ones, mask, ones], dim=1)
-        out = self._run(
-            torch.cat([memory, embeds, memory], dim=1),
-            full_mask,
-            logits_to_keep=torch.arange(m, m + length, device=embeds.device),
-            hidden=True,
+        opens = state is None or state.filled == 0
+        inputs, masks = [embeds], [(mask, n)]
+        if opens:
+            inputs.insert(0, memory)
+            masks.insert(0, (None, m))
+        else:
+            masks.insert(0, (state.segment_mask, m + state.filled))
+        if close:
+            inputs.append(memory)
+            masks.append((None, m))
+        full_mask = _cat_masks(masks, batch, embeds.device)
+        start = m if opens else 0  # index of the first token in this call's input
+        out = self.model(
+            inputs_embeds=torch.cat(inputs, dim=1),
+            attention_mask=full_mask,
+            use_cache=state is not None,
+            output_hidden_states=hidden or close,
+            logits_to_keep=torch.arange(start + keep.start, start + keep.stop, device=embeds.device),
+            **{CACHE_KWARG: None if opens else state.segment},
         )
-        written = out.hidden_states[-1][:, m + length :]
-        return out.logits, written if mask is None else _keep_memory_of_empty(written, memory, mask)
+        written = None
+        if close:
+            written = out.hidden_states[-1][:, start + n :]
+            if full_mask is not None:  # the segment's tokens lie between its read memory and its write slots
+                written = _keep_memory_of_empty(written, memory, full_mask[:, m : full_mask.shape[1] - m])
+        return _Piece(
+            logits=out.logits,
+            hidden_states=tuple(h[:, start : start + n] for h in out.hidden_states) if hidden else None,
+            written=written,
+            cache=out[CACHE_KWARG] if state is not None else None,
+            mask=full_mask,
+        )
 
     def forward(
         self,
@@ -195,22 +260,59 @@ class RecurrentMemoryModel(nn.Module):
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
-        **loss_kwargs: Any,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
     ) -> RecurrentMemoryOutput:
-        """Segment-recurrent forward pass.
+        """Segment-recurrent forward pass, whole (training, ``use_cache=False``) or cached (generation).
 
         input_ids ``[B, N]`` (or inputs_embeds ``[B, N, H]``); attention_mask ``[B, N]`` (1 = token,
-        0 = padding); labels ``[B, N]`` (-100 = ignored), shifted inside as in transformers; memory
-        ``[B, M, H]`` continues from a previous call's ``output.memory`` (default: the learned memory).
-        ``loss_kwargs`` (``num_items_in_batch``) go to the base model's loss function.
+        0 = padding; a cached call may give the mask of every token so far, ``[B, seen + N]``); labels
+        ``[B, N]`` (-100 = ignored), shifted inside as in transformers; memory ``[B, M, H]`` is the read
+        memory of the first segment (default: the learned memory), e.g. a previous call's
+        ``output.memory``; a cached call reads it only when its cache is empty.
+        The cache (keyword ``CACHE_KWARG``, a :class:`RecurrentMemoryCache`) continues the open segment;
+        ``use_cache=True`` without one starts a new one. An empty cache of another class (what
+        ``generate`` offers) is replaced by a new one. ``logits_to_keep`` k > 0 computes only the last k
+        logits. ``return_dict`` is accepted for ``generate``'s calling convention: the output is always a
+        :class:`RecurrentMemoryOutput`. Other ``kwargs`` (``num_items_in_batch``) go to the base model's
+        loss function.
         """
+        cache = kwargs.pop(CACHE_KWARG, None)
+        if output_attentions:
+            raise ValueError(
+                "output_attentions=True is not available for RecurrentMemoryModel: every segment attends over "
+                "its own keys (read memory and tokens), so there is no [B, heads, N, N] attention map"
+            )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps every logit), got {logits_to_keep!r}")
+        if labels is not None and logits_to_keep:
+            raise ValueError(f"labels need every token's logits, but logits_to_keep={logits_to_keep}")
         if inputs_embeds is None:
             inputs_embeds = self.model.get_input_embeddings()(input_ids)
         batch, total = inputs_embeds.shape[:2]
+        keep = range(max(total - logits_to_keep, 0) if logits_to_keep else 0, total)
         if memory is None:
             memory = self.memory[None].expand(batch, -1, -1)
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -total:]
+
+        if cache is not None or use_cache:
+            if labels is not None:
+                raise ValueError("labels are for the training forward pass, without a cache (use_cache=False)")
+            cache = _memory_cache(cache)
+            if cache.memory is None:
+                cache.memory = memory
+            logits, hidden_states = _gather(self._cached(inputs_embeds, attention_mask, cache, keep, bool(output_hidden_states)))
+            output = RecurrentMemoryOutput(logits=logits, hidden_states=hidden_states)
+            output[CACHE_KWARG] = cache
+            return output
+
         starts = range(0, total, self.segment_length)
         has_loss = [True] * len(starts)
         if labels is not None:
@@ -222,7 +324,7 @@ class RecurrentMemoryModel(nn.Module):
         last_loss = max((t for t, flag in enumerate(has_loss) if flag), default=len(starts) - 1)
         detach_upto = -1 if self.bptt_depth is None else last_loss - self.bptt_depth + 1
 
-        logits = []
+        pieces = []
         for t, start in enumerate(starts):
             if t <= detach_upto:
                 memory = memory.detach()
@@ -230,132 +332,80 @@ class RecurrentMemoryModel(nn.Module):
             needs_graph = has_loss[t] or t >= detach_upto
             with torch.set_grad_enabled(torch.is_grad_enabled() and needs_graph):
                 segment_mask = None if attention_mask is None else attention_mask[:, start:end]
-                segment_logits, memory = self._segment(memory, inputs_embeds[:, start:end], segment_mask)
-            logits.append(segment_logits)
-        logits = torch.cat(logits, dim=1)
+                piece = self._piece(
+                    memory, inputs_embeds[:, start:end], segment_mask, None, True, _within(keep, start, end), bool(output_hidden_states)
+                )
+            memory = piece.written
+            pieces.append(piece)
+        logits, hidden_states = _gather(pieces)
         loss = None
         if labels is not None:
-            loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        return RecurrentMemoryOutput(loss=loss, logits=logits, memory=memory)
+            loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return RecurrentMemoryOutput(loss=loss, logits=logits, hidden_states=hidden_states, memory=memory)
 
-    # -- generation -------------------------------------------------------------------------------
-
-    def _logits_processors(self, options: dict[str, Any]) -> LogitsProcessorList:
-        processors = LogitsProcessorList()
-        if options["repetition_penalty"] not in (None, 1.0):
-            processors.append(RepetitionPenaltyLogitsProcessor(options["repetition_penalty"]))
-        if options["do_sample"]:
-            if options["temperature"] not in (None, 1.0):
-                processors.append(TemperatureLogitsWarper(options["temperature"]))
-            if options["top_k"]:
-                processors.append(TopKLogitsWarper(options["top_k"]))
-            if options["top_p"] not in (None, 1.0):
-                processors.append(TopPLogitsWarper(options["top_p"]))
-        return processors
-
-    @torch.no_grad()
-    def generate(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
-    ) -> torch.LongTensor:
-        """Greedy or sampled decoding that goes on across segment boundaries.
-
-        ``input_ids`` ``[B, P]`` (left-padded with ``attention_mask`` ``[B, P]`` for uneven prompts);
-        returns ``[B, P + new]``. Options (defaults from ``generation_config``): max_new_tokens,
-        do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id.
-        Within a segment a KV cache holds the read memory and the segment's tokens; when the segment
-        holds ``segment_length`` tokens its write slots run on that cache, their hidden states become
-        the memory, and the next segment starts on a fresh cache. The tokens equal those of re-running
-        :meth:`forward` on the whole sequence at every step.
-        """
-        unknown = sorted(set(kwargs) - set(_GENERATE_KEYS))
-        if unknown:
-            raise ValueError(f"unsupported generate arguments {unknown}; supported: {', '.join(_GENERATE_KEYS)}")
-        options = {key: kwargs.get(key, getattr(self.generation_config, key, None)) for key in _GENERATE_KEYS}
-        if options["max_new_tokens"] is None:
-            options["max_new_tokens"] = 20
-        eos = options["eos_token_id"]
-        eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)
-        pad = options["pad_token_id"] if options["pad_token_id"] is not None else (eos[0].item() if len(eos) else 0)
-        processors = self._logits_processors(options)
-
-        decoder = _SegmentDecoder(self, input_ids.shape[0])
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        next_logits = decoder.feed(input_ids, attention_mask)
-        sequences = input_ids
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(options["max_new_tokens"]):
-            scores = processors(sequences, next_logits.float())
-            if options["do_sample"]:
-                token = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+    def _cached(
+        self, embeds: torch.Tensor, mask: torch.Tensor | None, cache: RecurrentMemoryCache, keep: range, hidden: bool
+    ) -> list[_Piece]:
+        """Append ``embeds`` ``[B, n, H]`` (``mask`` ``[B, n]`` or None) to the cache's open segment, closing
+        every segment that reaches ``segment_length`` tokens; one base-model call per segment touched."""
+        pieces = []
+        done, total = 0, embeds.shape[1]
+        while done < total:
+            end = done + min(self.segment_length - cache.filled, total - done)
+            close = cache.filled + end - done == self.segment_length
+            piece = self._piece(
+                cache.memory, embeds[:, done:end], None if mask is None else mask[:, done:end], cache, close, _within(keep, done, end), hidden
+            )
+            if close:
+                cache.memory, cache.segment, cache.segment_mask, cache.filled = piece.written, None, None, 0
             else:
-                token = scores.argmax(dim=-1)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            sequences = torch.cat([sequences, token[:, None]], dim=1)
-            finished |= torch.isin(token, eos)
-            if finished.all():
-                break
-            next_logits = decoder.feed(token[:, None], torch.ones_like(token[:, None]))
-        return sequences
+                cache.segment, cache.segment_mask, cache.filled = piece.cache, piece.mask, cache.filled + end - done
+            cache.seen += end - done
+            pieces.append(piece)
+            done = end
+        return pieces
+
+
+def _memory_cache(cache: Cache | None) -> RecurrentMemoryCache:
+    """The cache a cached call continues: the given RecurrentMemoryCache, or a new one in place of none or
+    of an empty cache of another class (``generate`` offers an empty ``DynamicCache``)."""
+    if isinstance(cache, RecurrentMemoryCache):
+        return cache
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError(
+            f"RecurrentMemoryModel keeps its state in a RecurrentMemoryCache; got a {type(cache).__name__} that "
+            f"already holds {cache.get_seq_length()} tokens"
+        )
+    return RecurrentMemoryCache()
+
+
+def _gather(pieces: list[_Piece]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """The pieces' logits ``[B, K, V]`` and hidden states (per layer ``[B, N, H]``, or None) joined along the tokens."""
+    hidden = None
+    if pieces[0].hidden_states is not None:
+        hidden = tuple(torch.cat(layer, dim=1) for layer in zip(*(p.hidden_states for p in pieces)))
+    return torch.cat([p.logits for p in pieces], dim=1), hidden
+
+
+def _within(keep: range, start: int, end: int) -> range:
+    """The positions of ``keep`` in ``[start, end)``, counted from ``start``."""
+    low, high = max(keep.start, start), min(keep.stop, end)
+    return range(low - start, max(high, low) - start)
+
+
+def _cat_masks(parts: list[tuple[torch.Tensor | None, int]], batch: int, device: torch.device) -> torch.Tensor | None:
+    """``(mask [B, l] or None for no padding, l)`` parts joined along the positions; None when none has a mask."""
+    if all(mask is None for mask, _ in parts):
+        return None
+    return torch.cat(
+        [torch.ones(batch, length, dtype=torch.long, device=device) if mask is None else mask for mask, length in parts], dim=1
+    )
 
 
 def _keep_memory_of_empty(written: torch.Tensor, memory: torch.Tensor, segment_mask: torch.Tensor) -> torch.Tensor:
     """The new memory ``[B, M, H]``: a sample whose segment is all padding (``segment_mask`` ``[B, l]``)
     keeps its previous memory."""
     return torch.where(segment_mask.any(dim=1)[:, None, None], written, memory)
-
-
-class _SegmentDecoder:
-    """Incremental segment state for :meth:`RecurrentMemoryModel.generate`.
-
-    Holds the memory ``[B, M, H]``, the KV cache of the open segment (read memory + its tokens),
-    the segment's attention mask and how many tokens it holds.
-    """
-
-    def __init__(self, wrapper: RecurrentMemoryModel, batch: int):
-        self.wrapper = wrapper
-        self.memory = wrapper.memory[None].expand(batch, -1, -1)
-        self._open()
-
-    def _open(self) -> None:
-        """Start a segment: a fresh cache that holds only the read memory."""
-        batch, m = self.memory.shape[:2]
-        self.cache, self.filled = None, 0
-        self.mask = torch.ones(batch, m, dtype=torch.long, device=self.memory.device)
-        if m:
-            self._step(self.memory)
-
-    def _step(self, embeds, hidden: bool = False):
-        """Run ``embeds`` ``[B, n, H]`` on the segment's cache; ``self.mask`` already covers them."""
-        cache = DynamicCache() if self.cache is None else self.cache
-        out = self.wrapper._run(embeds, self.mask, cache, hidden=hidden)
-        self.cache = out.cache
-        return out
-
-    def feed(self, input_ids: torch.LongTensor, mask: torch.Tensor) -> torch.Tensor:
-        """Append tokens ``[B, n]`` (crossing segment boundaries); returns the last token's logits ``[B, V]``."""
-        embed = self.wrapper.model.get_input_embeddings()
-        length = self.wrapper.segment_length
-        start = 0
-        while start < input_ids.shape[1]:
-            end = start + min(length - self.filled, input_ids.shape[1] - start)
-            self.mask = torch.cat([self.mask, mask[:, start:end]], dim=1)
-            logits = self._step(embed(input_ids[:, start:end])).logits[:, -1]
-            self.filled += end - start
-            if self.filled == length:
-                self._write()
-            start = end
-        return logits
-
-    def _write(self) -> None:
-        """Run the write slots of the full segment; their last hidden states become the memory."""
-        m = self.memory.shape[1]
-        if m:
-            segment_mask = self.mask[:, m:]
-            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], m)], dim=1)
-            written = self._step(self.memory, hidden=True).hidden_states[-1]
-            self.memory = _keep_memory_of_empty(written, self.memory, segment_mask)
-        self._open()
 
 
 def _check(model: nn.Module, section: MemorySpec, spec) -> None:
