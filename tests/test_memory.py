@@ -1,14 +1,16 @@
-"""RecurrentMemoryModel (``memory``): identity, segment semantics, truncated BPTT, generate, save, LoRA, learning."""
+"""RecurrentMemoryModel (``memory``): identity, segment semantics, truncated BPTT, the cache, generate, save, LoRA, learning."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tokens
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 import hf_longctx
 from hf_longctx import RecurrentMemoryModel, SpecError
 from hf_longctx.hub import EXTRA_WEIGHTS
+from hf_longctx.memory import RecurrentMemoryCache
 from hf_longctx.memory.task import PasskeyTask, evaluate_memory_task, train_memory_task
 from hf_longctx.testing import tiny_model
 
@@ -31,12 +33,15 @@ def test_no_memory_one_segment_is_the_base_model(model_type):
     mask[1, -4:] = 0  # right padding: positions of the real tokens are unchanged
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
-        ref = base(input_ids=ids, attention_mask=mask, labels=labels)
+        ref = base(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
         wrapper = hf_longctx.patch(base, {"memory": {"memory_tokens": 0, "segment_length": 12}})
-        out = wrapper(input_ids=ids, attention_mask=mask, labels=labels)
+        out = wrapper(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
     assert isinstance(wrapper, RecurrentMemoryModel)
     assert out.logits.shape == ref.logits.shape
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
     assert hf_longctx.unpatch(wrapper) is base
     assert not hasattr(base.config, "hf_longctx")
@@ -104,9 +109,28 @@ def test_truncation_counts_back_from_the_last_segment_with_a_loss():
     assert got == [0, 1]
 
 
+def test_cached_forward_in_pieces_equals_the_whole_forward():
+    """Tokens fed to a RecurrentMemoryCache in uneven pieces across 3 segment boundaries give the logits and
+    hidden states of one forward pass over all of them; the cache counts every token, padding included."""
+    wrapper = _memory(tiny_model("llama"), memory_tokens=3, segment_length=5)
+    ids, mask = _left_padded(length=17, pad=7)  # row 0: the first segment is all padding
+    with torch.no_grad():
+        whole = wrapper(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        cache, logits, hidden = RecurrentMemoryCache(), [], []
+        for start, end in [(0, 4), (4, 5), (5, 12), (12, 13), (13, 17)]:
+            out = wrapper(input_ids=ids[:, start:end], attention_mask=mask[:, :end], cache=cache, output_hidden_states=True)
+            assert out.cache is cache and cache.get_seq_length() == end
+            logits.append(out.logits)
+            hidden.append(out.hidden_states)
+    torch.testing.assert_close(torch.cat(logits, 1), whole.logits, atol=1e-5, rtol=0)
+    for layer, pieces in zip(whole.hidden_states, zip(*hidden)):
+        torch.testing.assert_close(torch.cat(pieces, 1), layer, atol=1e-5, rtol=0)
+    assert len(whole.hidden_states) == wrapper.config.num_hidden_layers + 1
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_generate_across_segment_boundaries_matches_forward(model_type):
-    """Cached generation over 4 segment boundaries equals re-running forward on the whole sequence."""
+    """Cached generation over 4 segment boundaries equals re-running forward by hand on the whole sequence."""
     wrapper = _memory(tiny_model(model_type), memory_tokens=3, segment_length=5)
     ids = tokens(2, 7, seed=3)
     mask = torch.ones_like(ids)
@@ -122,36 +146,183 @@ def test_generate_across_segment_boundaries_matches_forward(model_type):
     assert torch.equal(generated, sequence)
 
 
+MODES = {"greedy": {}, "sample": dict(do_sample=True, temperature=0.8, top_k=20), "beams": dict(num_beams=2)}
+
+
+def _left_padded(length=10, pad=3, seed=3):
+    """Two prompts ``[2, length]``; the first left-padded with ``pad`` pad tokens (id 0)."""
+    ids = tokens(2, length, seed=seed)
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _generate(model, ids, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return model.generate(ids, **kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_generate_without_memory_in_one_segment_is_transformers_generate(model_type):
-    base = tiny_model(model_type)
-    ids = tokens(2, 6, seed=4)
-    expected = base.generate(ids, max_new_tokens=10, do_sample=False)
+def test_generate_with_the_cache_equals_full_recompute(model_type, mode):
+    """The cache against use_cache=False (forward on the whole sequence at every step): segments of 8, a
+    prompt of 10 with 3 pads in row 0, 24 new tokens: boundaries at 8 (in the prompt), 16, 24 and 32."""
+    wrapper = _memory(tiny_model(model_type), memory_tokens=3, segment_length=8)
+    ids, mask = _left_padded()
+    options = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=None, **MODES[mode])
+    cached = _generate(wrapper, ids, **options)
+    assert cached.shape == (2, 34)
+    assert torch.equal(cached, _generate(wrapper, ids, use_cache=False, **options))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_generate_without_memory_in_one_segment_is_transformers_generate(mode):
+    base = tiny_model("llama")
+    ids, mask = _left_padded(length=6, pad=2, seed=4)
+    options = dict(attention_mask=mask, max_new_tokens=10, **MODES[mode])
+    expected = _generate(base, ids, **options)
     wrapper = hf_longctx.patch(base, {"memory": {"memory_tokens": 0, "segment_length": 32}})
-    assert torch.equal(wrapper.generate(ids, max_new_tokens=10, do_sample=False), expected)
+    assert torch.equal(_generate(wrapper, ids, **options), expected)
 
 
-def test_generate_pads_after_eos_and_rejects_unknown_options():
+def test_beam_search_reorders_the_memory_with_the_beams():
+    """With the cache's reordering disabled the beams read each other's memory and the tokens change."""
+    wrapper = _memory(tiny_model("llama"), memory_tokens=3, segment_length=4)
+    ids, mask = _left_padded(length=6, pad=2, seed=9)
+    options = dict(attention_mask=mask, max_new_tokens=16, eos_token_id=None, num_beams=3, num_return_sequences=3)
+    recomputed = wrapper.generate(ids, use_cache=False, **options)
+    assert torch.equal(wrapper.generate(ids, **options), recomputed)
+    original = RecurrentMemoryCache.reorder_cache
+    try:
+        RecurrentMemoryCache.reorder_cache = lambda self, beam_idx: None
+        assert not torch.equal(wrapper.generate(ids, **options), recomputed)
+    finally:
+        RecurrentMemoryCache.reorder_cache = original
+
+
+def _first_new_token(free, prompt_length, at):
+    """A token that the free run ``free`` ``[1, T]`` generates first at new position ``at``."""
+    token = free[0, prompt_length + at].item()
+    assert token not in free[0, prompt_length : prompt_length + at].tolist(), "pick another position"
+    return token
+
+
+def test_eos_min_new_tokens_max_length_and_stopping_criteria():
     wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
-    ids = tokens(2, 5, seed=5)
-    free = wrapper.generate(ids, max_new_tokens=6, eos_token_id=None)
-    eos = free[0, 6].item()  # the second generated token of row 0 becomes the EOS
-    out = wrapper.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
-    assert out[0, 6] == eos and torch.all(out[0, 7:] == 0)
-    assert torch.equal(out[0, :7], free[0, :7])
-    with pytest.raises(ValueError, match="num_beams"):
-        wrapper.generate(ids, num_beams=2)
+    ids = tokens(1, 5, seed=5)
+    free = wrapper.generate(ids, max_new_tokens=12, eos_token_id=None)
+    eos = _first_new_token(free, 5, at=2)
+    stopped = wrapper.generate(ids, max_new_tokens=12, eos_token_id=eos)
+    assert torch.equal(stopped, free[:, :8])  # ends with the EOS
+    held = wrapper.generate(ids, max_new_tokens=12, min_new_tokens=7, eos_token_id=eos, pad_token_id=0)
+    assert held.shape[1] >= 12 and eos not in held[0, 5:12].tolist()
+    assert torch.equal(held, wrapper.generate(ids, max_new_tokens=12, min_new_tokens=7, eos_token_id=eos, pad_token_id=0, use_cache=False))
+
+    assert wrapper.generate(ids, max_length=14, eos_token_id=None).shape == (1, 14)
+
+    stop_token = _first_new_token(free, 5, at=6)
+
+    class StopAt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == stop_token
+
+    out = wrapper.generate(ids, max_new_tokens=12, eos_token_id=None, stopping_criteria=StoppingCriteriaList([StopAt()]))
+    assert torch.equal(out, free[:, :12])
 
 
-def test_sampling_is_reproducible_with_a_seed():
+def test_logits_processor_applies_at_every_step():
     wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
-    ids = tokens(1, 5, seed=6)
-    options = dict(max_new_tokens=9, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, eos_token_id=None)
-    torch.manual_seed(0)
-    first = wrapper.generate(ids, **options)
-    torch.manual_seed(0)
-    assert torch.equal(wrapper.generate(ids, **options), first)
-    assert torch.all((first >= 0) & (first < 128))
+    ids, mask = _left_padded(length=5, pad=2, seed=6)
+    free = wrapper.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)
+    banned = free[0, 5].item()
+    seen_lengths = []
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen_lengths.append(input_ids.shape[1])
+            return scores.index_fill(1, torch.tensor([banned]), -float("inf"))
+
+    options = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, logits_processor=LogitsProcessorList([Ban()]))
+    out = wrapper.generate(ids, **options)
+    assert seen_lengths == list(range(5, 17))
+    assert banned not in out[:, 5:].tolist()[0] + out[:, 5:].tolist()[1]
+    assert torch.equal(out, wrapper.generate(ids, use_cache=False, **options))
+
+
+def test_scores_are_the_logits_of_forward_on_the_sequence_so_far():
+    wrapper = _memory(tiny_model("llama"), memory_tokens=3, segment_length=4)
+    ids, mask = _left_padded(length=6, pad=3, seed=7)
+    out = wrapper.generate(
+        ids, attention_mask=mask, max_new_tokens=9, eos_token_id=None, return_dict_in_generate=True, output_scores=True
+    )
+    assert len(out.scores) == 9
+    assert isinstance(out.cache, RecurrentMemoryCache) and out.cache.get_seq_length() == 6 + 9 - 1
+    full_mask = torch.cat([mask, torch.ones(2, 9, dtype=torch.long)], 1)
+    with torch.no_grad():
+        for step, scores in enumerate(out.scores):
+            length = 6 + step
+            logits = wrapper(input_ids=out.sequences[:, :length], attention_mask=full_mask[:, :length]).logits[:, -1]
+            torch.testing.assert_close(scores, logits, atol=1e-5, rtol=0)
+            assert torch.equal(scores.argmax(-1), out.sequences[:, length])
+
+
+def test_generation_goes_on_from_a_returned_cache():
+    wrapper = _memory(tiny_model("llama"), memory_tokens=3, segment_length=4)
+    ids, mask = _left_padded(length=6, pad=3, seed=8)
+    whole = wrapper.generate(ids, attention_mask=mask, max_new_tokens=13, eos_token_id=None)
+    first = wrapper.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, return_dict_in_generate=True)
+    mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
+    rest = wrapper.generate(first.sequences, attention_mask=mask, cache=first.cache, max_new_tokens=7, eos_token_id=None)
+    assert torch.equal(rest, whole)
+
+
+def test_text_streamer_prints_the_decoded_new_tokens(capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, TextStreamer
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}  # the tiny configs' special ids
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<pad>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
+    ids = tokenizer("w17 w40 w99 w5 w63", return_tensors="pt").input_ids
+    assert ids.tolist() == [[17, 40, 99, 5, 63]]
+    capsys.readouterr()
+    out = wrapper.generate(ids, max_new_tokens=15, eos_token_id=None, streamer=TextStreamer(tokenizer, skip_prompt=True))
+    text = tokenizer.decode(out[0, 5:])
+    assert len(text.split()) == 15
+    assert capsys.readouterr().out == text + "\n"
+
+
+def test_generation_refuses_what_the_state_cannot_do():
+    wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
+    ids = tokens(1, 5, seed=10)
+    with pytest.raises(ValueError, match="ASSISTED_GENERATION"):
+        wrapper.generate(ids, prompt_lookup_num_tokens=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match="output_attentions"):
+        wrapper(input_ids=ids, output_attentions=True)
+    with torch.no_grad():
+        filled = tiny_model("llama")(input_ids=ids, use_cache=True).cache
+    with pytest.raises(ValueError, match="DynamicCache that already holds 5 tokens"):
+        wrapper(input_ids=ids, cache=filled)
+    with pytest.raises(NotImplementedError, match="cannot remove 1 tokens"):
+        RecurrentMemoryCache().crop(-1)
+
+
+def test_generation_config_is_the_default_and_round_trips(tmp_path):
+    wrapper = _memory(tiny_model("llama"), memory_tokens=2, segment_length=4)
+    ids = tokens(2, 5, seed=11)
+    config = GenerationConfig(max_new_tokens=9, num_beams=2, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = wrapper.generate(ids, generation_config=config)
+    assert expected.shape == (2, 14)
+    assert torch.equal(expected, wrapper.generate(ids, max_new_tokens=9, num_beams=2, eos_token_id=None))
+    wrapper.generation_config = config
+    assert wrapper.hf_longctx_base.generation_config is config
+    assert torch.equal(wrapper.generate(ids), expected)
+    wrapper.save_pretrained(tmp_path)
+    loaded = RecurrentMemoryModel.from_pretrained(tmp_path)
+    assert loaded.generation_config.to_diff_dict() == config.to_diff_dict()
+    assert torch.equal(loaded.generate(ids), expected)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

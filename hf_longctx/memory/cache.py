@@ -72,9 +72,12 @@ class RecurrentMemoryCache(Cache):
             self.segment_mask = self.segment_mask.index_select(0, rows.to(self.segment_mask.device))
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            f"{type(self).__name__} cannot remove {tokens_to_remove} tokens: the tokens of closed segments live only in the memory"
-        )
+        """Only the no-op ``crop(0)``: the tokens of closed segments live on only in the memory."""
+        if tokens_to_remove:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot remove {abs(tokens_to_remove)} tokens: the tokens of closed segments "
+                "live on only in the memory"
+            )
 
     @property
     def is_croppable(self) -> bool:
