@@ -274,9 +274,9 @@ class RecurrentMemoryModel(nn.Module, GenerationMixin):
         ``[B, N]`` (-100 = ignored), shifted inside as in transformers; memory ``[B, M, H]`` is the read
         memory of the first segment (default: the learned memory), e.g. a previous call's
         ``output.memory``; a cached call reads it only when its cache is empty.
-        The cache (keyword ``CACHE_KWARG``, a :class:`RecurrentMemoryCache`) continues the open segment;
-        ``use_cache=True`` without one starts a new one. An empty cache of another class (what
-        ``generate`` offers) is replaced by a new one. ``logits_to_keep`` k > 0 computes only the last k
+        ``cache=`` (the keyword named by ``CACHE_KWARG``), a :class:`RecurrentMemoryCache`, continues its
+        open segment and comes back in the output; ``use_cache=True`` without one starts a new one, and so
+        does an empty cache of another class (the ``DynamicCache`` that ``generate`` offers). ``logits_to_keep`` k > 0 computes only the last k
         logits. ``return_dict`` is accepted for ``generate``'s calling convention: the output is always a
         :class:`RecurrentMemoryOutput`. Other ``kwargs`` (``num_items_in_batch``) go to the base model's
         loss function.
