@@ -265,10 +265,15 @@ def test_scores_are_the_logits_of_forward_on_the_sequence_so_far():
             assert torch.equal(scores.argmax(-1), out.sequences[:, length])
 
 
-def test_generation_goes_on_from_a_returned_cache():
+def test_chunked_prefill_embeddings_and_a_returned_cache_give_the_same_tokens():
     wrapper = _memory(tiny_model("llama"), memory_tokens=3, segment_length=4)
     ids, mask = _left_padded(length=6, pad=3, seed=8)
-    whole = wrapper.generate(ids, attention_mask=mask, max_new_tokens=13, eos_token_id=None)
+    options = dict(max_new_tokens=13, eos_token_id=None)
+    whole = wrapper.generate(ids, attention_mask=mask, **options)
+    assert torch.equal(wrapper.generate(ids, attention_mask=mask, prefill_chunk_size=3, **options), whole)
+    embeds = wrapper.hf_longctx_base.get_input_embeddings()(ids)
+    assert torch.equal(wrapper.generate(inputs_embeds=embeds, attention_mask=mask, **options), whole[:, 6:])
+
     first = wrapper.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, return_dict_in_generate=True)
     mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
     rest = wrapper.generate(first.sequences, attention_mask=mask, cache=first.cache, max_new_tokens=7, eos_token_id=None)
