@@ -88,7 +88,7 @@ class _Piece(NamedTuple):
     hidden_states: tuple[torch.Tensor, ...] | None  # per layer [B, n, H] at the tokens, if asked for
     written: torch.Tensor | None  # [B, M, H]: the new memory, when the piece closed the segment
     cache: Cache | None  # the base model's cache of the segment so far (cached calls)
-    mask: torch.Tensor | None  # [B, positions in cache] attention mask of the segment so far
+    mask: torch.Tensor | None  # [B, positions so far] attention mask of the segment so far (None: no padding)
 
 
 class RecurrentMemoryModel(nn.Module, GenerationMixin):
