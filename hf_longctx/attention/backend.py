@@ -274,7 +274,7 @@ def _probe(model: nn.Module, reference: torch.Tensor, backend: str) -> None:
 def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
     family = get_family(model)
     previous_impl = model.config._attn_implementation
-    reference = _probe_logits(model)
+    logits_before = _probe_logits(model)
     name = attention_implementation(section.backend, section.sliding_window, section.sink_tokens)
     modules = family.attention_modules(model)
     if section.learnable_sinks:
@@ -293,7 +293,7 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
                 delattr(attn, SINKS_PARAM)
 
     try:
-        _probe(model, reference, section.backend)
+        _probe(model, logits_before, section.backend)
     except BaseException:
         undo()
         raise
