@@ -145,7 +145,8 @@ def reference_streaming_logits(model, ids, sinks, window):
     token was processed, and attends over the kept tokens with queries and keys rotated at their
     slots 0..K-1 in the cache (sinks first, the current token last). Returns ``[1, N, V]``."""
     inner, config = model.model, model.config
-    head_dim, group = config.head_dim, config.num_attention_heads // config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    group = config.num_attention_heads // config.num_key_value_heads
     past = [([], []) for _ in inner.layers]
     logits = []
     for t in range(ids.shape[1]):
