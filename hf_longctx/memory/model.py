@@ -49,6 +49,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import ModelOutput
 
+from .. import compat
 from ..config_base import SpecError
 from ..patching import Applied, Technique, register_technique
 from .config import MemorySpec
@@ -162,7 +163,7 @@ class RecurrentMemoryModel(nn.Module):
         return self.model(
             inputs_embeds=embeds,
             attention_mask=mask,
-            cache=cache,
+            **{compat.CACHE: cache},
             use_cache=cache is not None,
             output_hidden_states=hidden,
             logits_to_keep=logits_to_keep,
@@ -329,7 +330,7 @@ class _SegmentDecoder:
         """Run ``embeds`` ``[B, n, H]`` on the segment's cache; ``self.mask`` already covers them."""
         cache = DynamicCache() if self.cache is None else self.cache
         out = self.wrapper._run(embeds, self.mask, cache, hidden=hidden)
-        self.cache = out.cache
+        self.cache = compat.cache_of(out)
         return out
 
     def feed(self, input_ids: torch.LongTensor, mask: torch.Tensor) -> torch.Tensor:
