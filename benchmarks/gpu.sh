@@ -3,8 +3,8 @@
 # triton (no network there): installs this checkout without dependencies (no wheel is fetched
 # or upgraded), records the stack and whether it is within pyproject.toml's declared bounds,
 # runs the GPU kernel tests and the GPU attention and MoE benchmarks, and writes everything to
-# $OUT (default gpu_out/). Needs nothing newer than the lowest supported transformers (5.17,
-# what the lent machines have). Usage: bash benchmarks/gpu.sh
+# $OUT (default gpu_out/). Needs nothing newer than the lowest supported transformers (5.14;
+# the lent machines have 5.17). Usage: bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}

@@ -1,4 +1,4 @@
-"""What differs between the transformers releases hf_longctx supports (5.17 up to the newest 5.x).
+"""What differs between the transformers releases hf_longctx supports (5.14 up to the newest 5.x).
 
 Every difference the package depends on is named here once, found by looking at transformers
 itself (a field or argument that exists or not) rather than by comparing version numbers, so a
