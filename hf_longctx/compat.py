@@ -10,13 +10,14 @@ backport or a pre-release is handled as what it is:
   ``past_key_values`` exists, and a ``cache=`` keyword is swallowed by ``**kwargs`` without
   error: the model silently runs without the cache.
 * :data:`ACTIVATION_CHECKPOINTING`: the ``TrainingArguments`` field that turns on activation
-  checkpointing. Newer releases call it ``activation_checkpointing`` (with
-  ``gradient_checkpointing`` a deprecated alias); before, only ``gradient_checkpointing``
-  exists. Recipe configs use the new name; :func:`training_argv` translates it for the parser.
+  checkpointing. 5.24 calls it ``activation_checkpointing`` (with ``gradient_checkpointing``
+  a deprecated alias); 5.17 and before have only ``gradient_checkpointing``. Recipe configs use the new name; :func:`training_argv` translates it for the parser.
 
 Everything else hf_longctx uses (``AttentionInterface``, ``AttentionMaskInterface`` and its mask
-functions, ``ROPE_INIT_FUNCTIONS``, ``CacheLayerMixin``, ``rope_parameters``) is the same in all
-supported releases; the second CI environment runs the whole test suite on the lowest one.
+functions, ``ROPE_INIT_FUNCTIONS``, ``CacheLayerMixin``, ``rope_parameters``) works unchanged on
+every supported release: the second CI environment runs the whole test suite on the lowest one.
+Below 5.14 it does not (``CacheLayerMixin`` wants ``get_max_cache_shape`` instead of
+``get_max_length``; below 5.5 the mask functions and ``Cache.update`` take other arguments).
 """
 
 from __future__ import annotations
