@@ -8,6 +8,7 @@ from conftest import tokens
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
 import hf_longctx as hl
+from hf_longctx.compat import CACHE, cache_of
 from hf_longctx.families import get_family
 from hf_longctx.positions import alibi_slopes
 from hf_longctx.testing import tiny_model
@@ -86,7 +87,7 @@ def test_cached_generate_equals_full_recompute(model_type):
     with torch.no_grad():  # the last step's cached logits equal a full forward over the whole sequence
         full = model(cached).logits[:, -1]
         out = model(cached[:, :-1], use_cache=True)
-        step = model(cached[:, -1:], cache=out.cache).logits[:, -1]
+        step = model(cached[:, -1:], **{CACHE: cache_of(out)}).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-4, rtol=0)
 
 

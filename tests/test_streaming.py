@@ -15,6 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 import hf_longctx
 from hf_longctx import SinkCache, SpecError
+from hf_longctx.compat import CACHE, cache_of
 from hf_longctx.streaming import SinkCacheLayer
 from hf_longctx.evaluation.streaming import kept_indices, streaming_perplexity
 from hf_longctx.testing import tiny_config, tiny_model
@@ -22,7 +23,7 @@ from hf_longctx.testing import tiny_config, tiny_model
 S, W = 4, 12
 
 
-def streamed(model, cache, ids, kwarg="cache"):
+def streamed(model, cache, ids, kwarg=CACHE):
     """Feed ``ids`` one token at a time; logits ``[B, N, V]``."""
     with torch.no_grad():
         return torch.cat([model(ids[:, t : t + 1], **{kwarg: cache}).logits for t in range(ids.shape[1])], dim=1)
@@ -58,8 +59,8 @@ def test_no_eviction_is_dynamic_cache(patched):
     ids = tokens(2, 10)
     kwargs = dict(max_new_tokens=20, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        ours = model.generate(ids, cache=cache, **kwargs)
-        ref = oracle.generate(ids, cache=DynamicCache(), **kwargs)
+        ours = model.generate(ids, **{CACHE: cache}, **kwargs)
+        ref = oracle.generate(ids, **{CACHE: DynamicCache()}, **kwargs)
     assert torch.equal(ours.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(ours.logits, ref.logits))
     loop_cache = SinkCache(4, 60, model=model)
@@ -197,7 +198,7 @@ def test_generate_logits_equal_fresh_forward(do_sample, patched):
             ids, max_new_tokens=40, do_sample=do_sample, output_logits=True, return_dict_in_generate=True,
             **cache_kwargs,
         )
-    assert isinstance(out.cache if hasattr(out, "cache") else out.past_key_values, SinkCache)
+    assert isinstance(cache_of(out), SinkCache)
     expected = fresh(oracle, out.sequences[:, :-1], S, W)[:, ids.shape[1] - 1 :]
     torch.testing.assert_close(torch.stack(out.logits, dim=1), expected, atol=1e-4, rtol=0)
 
@@ -247,7 +248,7 @@ def test_cache_length_bound_over_150_generated_tokens():
 
     cache.update = recording_update
     with torch.no_grad():
-        model.generate(tokens(1, 8), cache=cache, max_new_tokens=150, min_new_tokens=150, do_sample=False)
+        model.generate(tokens(1, 8), **{CACHE: cache}, max_new_tokens=150, min_new_tokens=150, do_sample=False)
     assert cache.get_seq_length() == 8 + 149  # the last generated token is never fed back
     assert max(keys - new for keys, new in seen) <= S + W
     assert all(keys <= S + W for keys, _ in seen[-2 * 100 :])
@@ -277,7 +278,7 @@ def test_patch_save_reload_unpatch(tmp_path):
     loaded = hf_longctx.from_pretrained(tmp_path)
     assert hf_longctx.applied_sections(loaded) == {"streaming": {}}
     out = loaded.generate(tokens(1, 4), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.cache if hasattr(out, "cache") else out.past_key_values, SinkCache)
+    assert isinstance(cache_of(out), SinkCache)
     hf_longctx.unpatch(model)
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__
     assert torch.equal(model(tokens(1, 10)).logits, before)

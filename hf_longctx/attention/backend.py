@@ -40,6 +40,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 
+from .. import compat
 from ..config_base import SpecError
 from ..families import get_family
 from ..patching import Applied, Technique, Wrap, register_technique
@@ -311,7 +312,7 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
         def forward(*args, **kwargs):
             use_cache = kwargs.get("use_cache")
             if without_cache(kwargs) and (text_config.use_cache if use_cache is None else use_cache):
-                kwargs["cache"] = attention_cache(model, section)
+                kwargs[compat.CACHE] = attention_cache(model, section)
             return inner(*args, **kwargs)
 
         return forward
@@ -320,7 +321,7 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
         @functools.wraps(inner)
         def generate(*args, **kwargs):
             if without_cache(kwargs) and kwargs.get("use_cache", True) is not False:
-                kwargs["cache"] = attention_cache(model, section)
+                kwargs[compat.CACHE] = attention_cache(model, section)
             return inner(*args, **kwargs)
 
         return generate

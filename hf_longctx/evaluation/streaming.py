@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
+from .. import compat
 from ..streaming.cache import SinkCache
 from ..streaming.patch import streaming_forward
 
@@ -130,7 +131,7 @@ def streaming_perplexity(
             step = streaming_forward(model, forward, cache, input_ids=ids[:, start : start + size], prefill_chunk=chunk)
             logits = step.logits.float()
         else:
-            logits = model(ids[:, start : start + size], cache=cache, use_cache=True).logits.float()
+            logits = model(ids[:, start : start + size], **{compat.CACHE: cache}, use_cache=True).logits.float()
         size = logits.shape[1]
         targets = ids[0, start + 1 : start + 1 + size]
         nll[start : start + size] = torch.nn.functional.cross_entropy(logits[0], targets, reduction="none").double().cpu()

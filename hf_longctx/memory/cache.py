@@ -19,9 +19,11 @@ from __future__ import annotations
 import torch
 from transformers import Cache
 
+from .. import compat
+
 # The keyword under which transformers passes a cache to ``forward`` and returns it in the model
 # output: ``cache`` since transformers 5.24 (``past_key_values`` before, a deprecated alias until 5.40).
-CACHE_KWARG = "cache"
+CACHE_KWARG = compat.CACHE  # the cache keyword of the installed transformers (see hf_longctx.compat)
 
 
 class RecurrentMemoryCache(Cache):

@@ -22,6 +22,8 @@ from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as load_balancing_loss
 
+from .. import compat
+
 
 @dataclass
 class MoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
@@ -82,7 +84,7 @@ def with_router_losses(model: nn.Module, forward: Callable, *, routers: list[nn.
             loss=loss,
             aux_loss=aux_loss,
             logits=out.logits,
-            cache=out.get("cache"),
+            **{compat.CACHE: compat.cache_of(out)},
             hidden_states=out.get("hidden_states"),
             attentions=out.get("attentions"),
             router_logits=logits,

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import compat
 from ..config_base import SpecError
 from ..families import get_family
 from ..patching import Applied, Technique, Wrap, register_technique
@@ -97,7 +98,7 @@ def streaming_forward(
             **step_inputs,
             attention_mask=None if attention_mask is None else attention_mask[:, : seen + start + size],
             position_ids=position_ids.expand(batch, size),
-            cache=cache,
+            **{compat.CACHE: cache},
             logits_to_keep=(logits_to_keep if last else 1) if keep_last_only else 0,
             **kwargs,
         )
@@ -154,7 +155,7 @@ def _apply(model: nn.Module, section: StreamingSpec, spec) -> Applied:
         @functools.wraps(inner)
         def generate(*args, **kwargs):
             if all(kwargs.get(k) is None for k in _CACHE_KEYS) and kwargs.get("use_cache", True) is not False:
-                kwargs["cache"] = SinkCache(section.sink_tokens, section.window, model=model)
+                kwargs[compat.CACHE] = SinkCache(section.sink_tokens, section.window, model=model)
             return inner(*args, **kwargs)
 
         return generate

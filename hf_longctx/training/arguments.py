@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .. import compat
+
 
 def _mapping(value: dict | str | None, name: str) -> dict | str | None:
     """A JSON/YAML mapping given as text on the command line becomes a dict; other strings stay."""
@@ -110,7 +112,7 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, TrainingArgume
 
 def config_to_argv(config: dict[str, Any]) -> list[str]:
     """``{key: value}`` -> ``["--key", "value", ...]`` in the form ``HfArgumentParser`` reads back."""
-    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)} | set(compat.TRAINING_ARGUMENT_RENAMES)
     argv = []
     for key, value in config.items():
         if key not in known:
@@ -142,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     parser.add_argument("--config", type=Path, help="YAML file of defaults for every argument below.")
     model_args, data_args, lora_args, training_args, _ = parser.parse_args_into_dataclasses(
-        args=config_to_argv(config) + rest
+        args=compat.training_argv(config_to_argv(config) + rest)
     )
     if training_args.push_to_hub and lora_args.lora and not lora_args.merge_lora:
         raise ValueError(

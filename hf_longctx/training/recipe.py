@@ -27,6 +27,7 @@ from transformers import (
     set_seed,
 )
 
+from .. import compat
 from ..hub import from_pretrained, push_to_hub, save_pretrained
 from ..patching import patch
 from .arguments import DataArguments, LoraArguments, ModelArguments, parse_args
@@ -112,9 +113,9 @@ class CheckShardedCallback(TrainerCallback):
 
 def _move_activation_checkpointing_to_fsdp(training_args: TrainingArguments) -> None:
     # Under FSDP2 checkpointing must be applied by accelerate before fully_shard; one switch serves both launches.
-    if fsdp_requested() and training_args.activation_checkpointing:
+    if fsdp_requested() and getattr(training_args, compat.ACTIVATION_CHECKPOINTING):
         os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = "true"
-        training_args.activation_checkpointing = False
+        setattr(training_args, compat.ACTIVATION_CHECKPOINTING, False)
 
 
 def merge_adapter(model_args: ModelArguments, seed: int, adapter_dir: str | Path) -> PreTrainedModel:
