@@ -92,14 +92,14 @@ def test_real_demo_quick_writes_every_section(folder, tmp_path, capsys):
     results = real_demo.run_real_demo(tmp_path, real_demo.QUICK, long=True)
     settings = real_demo.QUICK
     out = capsys.readouterr().out
-    assert "| dense |" in out and "| recompute window 32 |" in out and "| yarn |" in out
+    assert "| dense |" in out and "| recompute window 16 |" in out and "| yarn |" in out
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["checkpoint"] == results["checkpoint"]
     streaming = {r["method"]: r for r in saved["streaming"]}
-    assert list(streaming) == ["dense", "sinks 4 + window 28", "window 32", "recompute window 32"]
+    assert list(streaming) == ["dense", "sinks 4 + window 12", "window 16", "recompute window 16"]
     assert streaming["dense"]["cache_tokens"] == settings.stream_tokens - 1
-    assert all(r["cache_tokens"] == 32 for name, r in streaming.items() if name != "dense")
-    # The window patch is applied in the passkey section: a key far out of its 32 tokens is never found.
+    assert all(r["cache_tokens"] == 16 for name, r in streaming.items() if name != "dense")
+    # The window patch is applied in the passkey section: a key far out of its 16 tokens is never found.
     window = [r for r in saved["passkey"] if r["method"].startswith("window") and r["depth"] == 0.0]
     assert window and all(r["accuracy"] == 0.0 for r in window)
     rope = saved["rope"]
