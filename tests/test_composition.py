@@ -55,8 +55,10 @@ def _patched_outputs(model, ids):
 
 
 def gemma2_with_biting_softcaps(**overrides):
-    """A tiny Gemma 2 whose attention scores and logits reach far into both softcaps."""
+    """A tiny Gemma 2 whose attention scores and logits reach far into both softcaps, with transformers' eager
+    attention (the implementation that applies the attention softcap, on every release)."""
     model = tiny_model("gemma2", **overrides)
+    model.set_attn_implementation("eager")
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(40.0)

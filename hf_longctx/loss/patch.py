@@ -94,7 +94,8 @@ def _chunked_forward(model: nn.Module, head: nn.Module, inner, args: tuple, kwar
     if arguments.get("output_router_logits") and fields.get("router_logits") is not None:  # as the model adds it
         aux_loss = _load_balancing_loss(model)(fields["router_logits"], model.num_experts, model.num_experts_per_tok,
                                                arguments.get("attention_mask"))
-        loss = loss + _router_aux_coef(model) * aux_loss.to(loss.device)
+        aux_loss = torch.as_tensor(aux_loss, device=loss.device)  # older releases return a plain 0 without routers
+        loss = loss + _router_aux_coef(model) * aux_loss
     output_class = MoeCausalLMOutputWithPast if "router_logits" in fields else CausalLMOutputWithPast
     names = {f.name for f in dataclasses.fields(output_class)} - {"loss", "logits", "aux_loss"}
     out = output_class(loss=loss, logits=None, **{k: v for k, v in fields.items() if k in names},
