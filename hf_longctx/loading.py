@@ -118,10 +118,12 @@ def load_model(source: ModelSource, dtype: torch.dtype | str | None = None, **kw
     from transformers import AutoModelForCausalLM
 
     if source.gguf_file:
-        from transformers import GgufConfig
-
-        # Unpack every block now: the result is an ordinary model that patches, trains and saves.
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        try:
+            from transformers import GgufConfig
+        except ImportError:  # transformers before its GGUF quantizer always dequantizes
+            pass
+        else:  # unpack every block now: an ordinary model that patches, trains and saves
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
         dtype = torch.float32 if dtype in (None, "auto") else dtype
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -180,3 +180,15 @@ def test_an_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     loading.convert(loading.resolve(source), out)
     ids = torch.randint(3, 128, (1, 16))
     assert torch.equal(logits(hl.from_pretrained(out), ids), logits(hl.from_pretrained(source), ids))
+
+
+def test_the_recipe_loads_through_the_same_resolver(tmp_path):
+    from hf_longctx.training.arguments import ModelArguments
+    from hf_longctx.training.recipe import load_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    model = load_model(ModelArguments(model_name_or_path=str(tmp_path / "tiny"), patch="yarn-4x"), seed=0)
+    assert model.config.rope_parameters["rope_type"] == "yarn" and model.config.use_cache is False
+    write_gguf(tmp_path / "m.gguf", "rwkv6")
+    with pytest.raises(loading.LoadError, match="architecture rwkv6 is not supported"):
+        load_model(ModelArguments(model_name_or_path=str(tmp_path), gguf_file="m.gguf"), seed=0)
