@@ -163,12 +163,12 @@ def head_transform(model: nn.Module, section: LossSpec = LossSpec()) -> HeadTran
     try:
         try:
             largest = own_forward(ids, use_cache=False, **kwargs).logits.float().abs().max().item()
+            scale["factor"] = _PROBE_LOGIT / largest if largest > 0 else 1.0
+            hidden.clear()
+            own = own_forward(ids, labels=ids, use_cache=False, **kwargs)
         except Exception as err:  # noqa: BLE001  the model's own forward, not ours: nothing to compare with
             raise SpecError(f"'loss' is not supported for model_type '{model.config.model_type}': its own forward "
                             f"fails on the check input ({type(err).__name__}: {err})") from err
-        scale["factor"] = _PROBE_LOGIT / largest if largest > 0 else 1.0
-        hidden.clear()
-        own = own_forward(ids, labels=ids, use_cache=False, **kwargs)
         raw = head(hidden[0])
         tolerance = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 3e-2
         errors = {t: ((own.logits.float() - t(raw).float()).abs().max() / _PROBE_LOGIT).item()
