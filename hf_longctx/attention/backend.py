@@ -91,7 +91,7 @@ class UnsupportedAttentionArgument(ValueError):
 
 
 # Arguments every decoder passes through to its attention function; they do not change the result.
-_PASSED_THROUGH = {"output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
+_PASSED_THROUGH = {"output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch", "labels",
                    "use_cache", "cache", "past_key_values", "cache_position", "max_length_q", "max_length_k",
                    "seq_idx", "return_dict"}
 
