@@ -241,7 +241,7 @@ def _streaming_table(rows: list[dict], settings: RealDemoSettings) -> str:
 
 
 def _passkey_table(rows: list[dict]) -> str:
-    cells = [{"row": f"{r['method']}, {format_length(r['length'])}", "depth": f"depth {r['depth']:.0%}", **r} for r in rows]
+    cells = [{**r, "row": f"{r['method']}, {format_length(r['length'])}", "depth": f"depth {r['depth']:.0%}"} for r in rows]
     return markdown_table(cells, "accuracy", row_key="row", column_key="depth", fmt="{:.0%}")
 
 

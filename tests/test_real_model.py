@@ -92,7 +92,7 @@ def test_real_demo_quick_writes_every_section(folder, tmp_path, capsys):
     results = real_demo.run_real_demo(tmp_path, real_demo.QUICK, long=True)
     settings = real_demo.QUICK
     out = capsys.readouterr().out
-    assert "| dense |" in out and "| recompute window 16 |" in out and "| yarn |" in out
+    assert "| dense |" in out and "| recompute window 16 |" in out and "| yarn |" in out and "| depth 100% |" in out
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["checkpoint"] == results["checkpoint"]
     streaming = {r["method"]: r for r in saved["streaming"]}
