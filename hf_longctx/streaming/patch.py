@@ -114,15 +114,15 @@ def streaming_forward(
 
 
 @torch.no_grad()
-def _probe(model: nn.Module) -> None:
-    """Tokens through a SinkCache that must evict: a model whose layers need a cache of another kind
+def _probe(model: nn.Module, section: StreamingSpec) -> None:
+    """A short generate through the section's SinkCache: a model whose layers need a cache of another kind
     (LFM2's convolutions where its config does not list them) is refused here, not in generate."""
     was_training = model.training
     model.eval()
     try:
         ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)  # a prefill, then decoding steps
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
-                       **{compat.CACHE: SinkCache(1, 1, model=model)})
+                       **{compat.CACHE: SinkCache(section.sink_tokens, section.window, model=model)})
     except Exception as err:  # noqa: BLE001  the model itself rejects the cache
         raise SpecError(f"'streaming' is not supported for model_type '{model.config.model_type}': it does not run "
                         f"with a sink cache ({type(err).__name__}: {err})") from err
@@ -147,7 +147,7 @@ def _check(model: nn.Module, section: StreamingSpec, spec) -> None:
             layer_types and all(hasattr(rotary, f"{kind}_inv_freq") for kind in layer_types)):
         raise SpecError(f"'streaming' is not supported for model_type '{name}': its rotary embedding "
                         f"({type(rotary).__name__}) has no inv_freq to re-rotate the cached keys with")
-    _probe(model)
+    _probe(model, section)
     own_window = getattr(config, "sliding_window", None)
     if own_window is not None and own_window <= section.sink_tokens + section.window:
         logger.info("streaming: layers with the native window %d keep it (no sinks); the others keep %d sinks + "
