@@ -8,6 +8,7 @@ from conftest import tokens
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 import hf_longctx
+from hf_longctx import compat
 from hf_longctx import RecurrentMemoryModel, SpecError
 from hf_longctx.hub import EXTRA_WEIGHTS
 from hf_longctx.memory import RecurrentMemoryCache
@@ -118,8 +119,9 @@ def test_cached_forward_in_pieces_equals_the_whole_forward():
         whole = wrapper(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         cache, logits, hidden = RecurrentMemoryCache(), [], []
         for start, end in [(0, 4), (4, 5), (5, 12), (12, 13), (13, 17)]:
-            out = wrapper(input_ids=ids[:, start:end], attention_mask=mask[:, :end], cache=cache, output_hidden_states=True)
-            assert out.cache is cache and cache.get_seq_length() == end
+            out = wrapper(input_ids=ids[:, start:end], attention_mask=mask[:, :end], output_hidden_states=True,
+                          **{compat.CACHE: cache})
+            assert compat.cache_of(out) is cache and cache.get_seq_length() == end
             logits.append(out.logits)
             hidden.append(out.hidden_states)
     torch.testing.assert_close(torch.cat(logits, 1), whole.logits, atol=1e-5, rtol=0)
@@ -255,7 +257,7 @@ def test_scores_are_the_logits_of_forward_on_the_sequence_so_far():
         ids, attention_mask=mask, max_new_tokens=9, eos_token_id=None, return_dict_in_generate=True, output_scores=True
     )
     assert len(out.scores) == 9
-    assert isinstance(out.cache, RecurrentMemoryCache) and out.cache.get_seq_length() == 6 + 9 - 1
+    assert isinstance(compat.cache_of(out), RecurrentMemoryCache) and compat.cache_of(out).get_seq_length() == 6 + 9 - 1
     full_mask = torch.cat([mask, torch.ones(2, 9, dtype=torch.long)], 1)
     with torch.no_grad():
         for step, scores in enumerate(out.scores):
@@ -276,7 +278,8 @@ def test_chunked_prefill_embeddings_and_a_returned_cache_give_the_same_tokens():
 
     first = wrapper.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, return_dict_in_generate=True)
     mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
-    rest = wrapper.generate(first.sequences, attention_mask=mask, cache=first.cache, max_new_tokens=7, eos_token_id=None)
+    rest = wrapper.generate(first.sequences, attention_mask=mask, max_new_tokens=7, eos_token_id=None,
+                            **{compat.CACHE: compat.cache_of(first)})
     assert torch.equal(rest, whole)
 
 
@@ -306,9 +309,9 @@ def test_generation_refuses_what_the_state_cannot_do():
     with pytest.raises(ValueError, match="output_attentions"):
         wrapper(input_ids=ids, output_attentions=True)
     with torch.no_grad():
-        filled = tiny_model("llama")(input_ids=ids, use_cache=True).cache
+        filled = compat.cache_of(tiny_model("llama")(input_ids=ids, use_cache=True))
     with pytest.raises(ValueError, match="DynamicCache that already holds 5 tokens"):
-        wrapper(input_ids=ids, cache=filled)
+        wrapper(input_ids=ids, **{compat.CACHE: filled})
     with pytest.raises(NotImplementedError, match="cannot remove 1 tokens"):
         RecurrentMemoryCache().crop(-1)
 
