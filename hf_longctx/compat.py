@@ -31,6 +31,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 CACHE: str = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+# Every name a cache may be passed under to forward/generate on a supported release (the new one, the alias).
+CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values")
+
+
+def passed_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a call's keyword arguments pass, under either name, or None."""
+    return next((kwargs[k] for k in CACHE_KEYWORDS if kwargs.get(k) is not None), None)
+
+
 def cache_of(output: Any) -> Any:
     """The KV cache a model output carries (a ``Cache``), or None when it has none."""
     return output.get(CACHE)

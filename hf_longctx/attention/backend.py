@@ -57,7 +57,6 @@ SINKS_PARAM = "sinks"
 SINK_INIT = -25.0
 _TAGS = {"auto": "auto", "triton": "triton", "flex": "blockmask", "sdpa": "dense", "eager": "dense_eager"}
 _DENSE_BACKENDS = ("sdpa", "eager")
-_CACHE_KEYS = ("cache", "past_key_values")
 
 
 def _structured_geometry(q_length, kv_length, q_offset, kv_offset, attention_mask) -> bool:
@@ -304,14 +303,11 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
             or not model._supports_default_dynamic_cache()):
         return Applied(undo=undo)  # the model's own cache (recurrent or linear-attention layers): keeps every token
 
-    def without_cache(kwargs: dict) -> bool:
-        return all(kwargs.get(k) is None for k in _CACHE_KEYS)
-
     def wrap_forward(inner):
         @functools.wraps(inner)
         def forward(*args, **kwargs):
             use_cache = kwargs.get("use_cache")
-            if without_cache(kwargs) and (text_config.use_cache if use_cache is None else use_cache):
+            if compat.passed_cache(kwargs) is None and (text_config.use_cache if use_cache is None else use_cache):
                 kwargs[compat.CACHE] = attention_cache(model, section)
             return inner(*args, **kwargs)
 
@@ -320,7 +316,7 @@ def _apply(model: nn.Module, section: AttentionSpec, spec) -> Applied:
     def wrap_generate(inner):
         @functools.wraps(inner)
         def generate(*args, **kwargs):
-            if without_cache(kwargs) and kwargs.get("use_cache", True) is not False:
+            if compat.passed_cache(kwargs) is None and kwargs.get("use_cache", True) is not False:
                 kwargs[compat.CACHE] = attention_cache(model, section)
             return inner(*args, **kwargs)
 

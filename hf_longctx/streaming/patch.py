@@ -42,7 +42,6 @@ from .config import StreamingSpec
 
 logger = logging.getLogger(__name__)
 
-_CACHE_KEYS = ("cache", "past_key_values")
 
 
 def default_prefill_chunk(window: int) -> int:
@@ -158,10 +157,10 @@ def _apply(model: nn.Module, section: StreamingSpec, spec) -> Applied:
     def wrap_forward(inner):
         @functools.wraps(inner)
         def forward(*args, **kwargs):
-            cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+            cache = compat.passed_cache(kwargs)
             if not isinstance(cache, SinkCache):
                 return inner(*args, **kwargs)
-            for key in (*_CACHE_KEYS, "position_ids"):
+            for key in (*compat.CACHE_KEYWORDS, "position_ids"):
                 kwargs.pop(key, None)
             if args:
                 kwargs["input_ids"] = args[0]
@@ -172,7 +171,7 @@ def _apply(model: nn.Module, section: StreamingSpec, spec) -> Applied:
     def wrap_generate(inner):
         @functools.wraps(inner)
         def generate(*args, **kwargs):
-            if all(kwargs.get(k) is None for k in _CACHE_KEYS) and kwargs.get("use_cache", True) is not False:
+            if compat.passed_cache(kwargs) is None and kwargs.get("use_cache", True) is not False:
                 kwargs[compat.CACHE] = SinkCache(section.sink_tokens, section.window, model=model)
             return inner(*args, **kwargs)
 
