@@ -10,9 +10,11 @@ from torch import nn
 from hf_longctx.demo import ByteTokenizer
 from hf_longctx.evaluation import (
     format_length,
-    greedy_matches,
+    first_number,
+    greedy_continuation,
     markdown_table,
     passkey_accuracy,
+    passkey_keys,
     passkey_prompt,
     perplexity_vs_length,
     plot_lines,
@@ -120,20 +122,44 @@ def test_passkey_prompt_has_the_exact_length_and_places_the_key(depth):
     ids, answer_tokens = passkey_prompt(tokenizer, 400, depth, "12345")
     text = bytes(ids).decode()
     assert len(ids) == 400 and answer_tokens == len(" 12345")
-    assert text.startswith(TASK) and text.endswith(QUESTION + " 12345")
-    needle_at = text.index(NEEDLE.format(key="12345"))
-    filler = 400 - len(TASK) - len(NEEDLE.format(key="12345")) - len(QUESTION) - answer_tokens
-    assert needle_at - len(TASK) == round(depth * filler)
+    assert text.startswith(TASK + "\n") and text.endswith("\n" + QUESTION + " 12345")
+    needle_at = text.index("\n" + NEEDLE.format(key="12345") + "\n") + 1
+    filler = 400 - len(TASK) - len(NEEDLE.format(key="12345")) - len(QUESTION) - answer_tokens - 4
+    assert needle_at - len(TASK) - 2 == round(depth * filler)  # two separators before the needle
+    assert text.count("\n") == 4
     with pytest.raises(ValueError, match="length 100 is too short"):
         passkey_prompt(tokenizer, 100, depth, "12345")
 
 
-def test_greedy_matches_needs_every_answer_token():
-    input_ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
-    logits = torch.zeros(2, 3, 10)  # positions 1, 2, 3: position 1 predicts token 7, position 2 token 8
-    logits[0, 0, 7] = logits[0, 1, 8] = 1.0
-    logits[1, 0, 7] = logits[1, 1, 9] = 1.0
-    assert greedy_matches(logits, input_ids, 2).tolist() == [True, False]
+def test_first_number_reads_the_first_run_of_digits():
+    assert first_number(" the pass key. 60494. 6") == "60494"
+    assert first_number(" 123\n456") == "123"
+    assert first_number(" the pass key is") == ""
+
+
+class NoGenerate(nn.Module):
+    """A model without ``generate``: greedy_continuation runs it on the whole prefix per token."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, logits_to_keep=0):
+        return self.inner(input_ids=input_ids, logits_to_keep=logits_to_keep, use_cache=False)
+
+
+def test_greedy_continuation_is_what_generate_and_the_argmax_loop_both_give():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    prompt = torch.randint(3, model.config.vocab_size, (1, 12))
+    by_generate = greedy_continuation(model, prompt, new_tokens=6)
+    assert len(by_generate) == 6
+    assert greedy_continuation(NoGenerate(model), prompt, new_tokens=6) == by_generate
+    # the loop is greedy: each token is the argmax after the prefix and the tokens before it
+    ids = prompt
+    for token in by_generate:
+        assert model(ids).logits[0, -1].argmax().item() == token
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=-1)
 
 
 def lookback_copier(window: int, n: int = 8):
@@ -159,7 +185,9 @@ def test_passkey_accuracy_follows_what_the_model_can_see():
     # just before the ~37-byte question: in reach. At depth 0 it starts ~130 bytes in: out of reach.
     model = StubLM(lookback_copier(window=250))
     points = passkey_accuracy(model, ByteTokenizer(), [700], depths=[0.0, 1.0], trials=3)
-    assert [(p.length, p.depth, p.accuracy, p.trials) for p in points] == [(700, 0.0, 0.0, 3), (700, 1.0, 1.0, 3)]
+    assert [(p.length, p.depth, p.accuracy, p.exact, p.trials) for p in points] == [
+        (700, 0.0, 0.0, 0.0, 3), (700, 1.0, 1.0, 1.0, 3)]
+    assert points[1].answers == passkey_keys(3) and points[0].answers == ["", "", ""]
     blind = StubLM(lookback_copier(window=10))
     assert [p.accuracy for p in passkey_accuracy(blind, ByteTokenizer(), [700], depths=[1.0], trials=2)] == [0.0]
 

@@ -1,11 +1,13 @@
-"""Passkey retrieval (Mohtashami & Jaggi): find a number hidden in filler text.
+"""Passkey retrieval (Mohtashami & Jaggi, 2023): find a number hidden in filler text.
 
-A prompt of exactly ``length`` tokens holds filler text with one sentence "The pass key is
-NNNNN. Remember it. NNNNN is the pass key." placed at a ``depth`` (0 = right after the task
-description, 1 = just before the question) and ends with the question and the answer. A trial
-counts as retrieved when greedy decoding after the question would produce the answer's tokens
-exactly; that is checked in one forward pass (teacher forcing: the argmax at each answer
-position must be the next answer token, which is what greedy decoding would emit).
+The protocol of the authors' test script (landmark-attention, ``llama/run_test.py``): the prompt
+is five lines, the task description, filler, the needle "The pass key is NNNNN. Remember it. NNNNN
+is the pass key.", more filler, and the question "What is the pass key? The pass key is"; the model
+continues it greedily for 10 tokens and a trial counts as retrieved when the first number in that
+continuation is the key. Here the prompt, answer included, is exactly ``length`` tokens and the
+needle sits at a ``depth`` of the filler (0 = right after the task description, 1 = right before
+the question). Each point also reports how many continuations start with exactly the answer's
+tokens (``exact``), the stricter reading.
 
 The parts of the prompt are tokenized separately and concatenated, so the length is exact and
 the same filler tokens surround the key at every depth.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from dataclasses import asdict, dataclass
 from typing import Protocol, Sequence
 
@@ -26,25 +29,31 @@ logger = logging.getLogger(__name__)
 
 TASK = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about it.\n"
+    "Find it and memorize it. I will quiz you about it."
 )
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER = " {key}"
+SEPARATOR = "\n"  # between the five lines of the prompt
+NEW_TOKENS = 10  # greedy continuation read for the first number
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
 
 @dataclass
 class PasskeyPoint:
     length: int  # prompt length in tokens, answer included
     depth: float  # where the key sits in the filler: 0 first, 1 last
-    accuracy: float  # fraction of trials retrieved
+    accuracy: float  # fraction of trials retrieved: the first number of the continuation is the key
     trials: int
+    exact: float = 0.0  # fraction of trials whose continuation starts with exactly the answer's tokens
+    answers: list[str] | None = None  # the first number of each continuation ("" when it has none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,9 +64,10 @@ def passkey_prompt(
 ) -> tuple[list[int], int]:
     """Token ids of one trial, exactly ``length`` long, and the number of answer tokens at its end.
 
-    Layout: task, filler before, needle, filler after, question, answer; the filler is the
-    repeated :data:`FILLER` cut to fill the length, ``round(depth * filler tokens)`` of it before
-    the needle. ``filler=False`` leaves the filler out (the shortest possible prompt).
+    Layout: the lines task, filler before, needle, filler after, question (joined by
+    :data:`SEPARATOR`), then the answer; the filler is the repeated :data:`FILLER` cut to fill the
+    length, ``round(depth * filler tokens)`` of it before the needle. ``filler=False`` leaves the
+    filler out (the shortest possible prompt).
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
@@ -66,27 +76,42 @@ def passkey_prompt(
         return list(tokenizer.encode(text, add_special_tokens=False))
 
     task, needle, question = encode(TASK), encode(NEEDLE.format(key=key)), encode(QUESTION)
-    answer = encode(ANSWER.format(key=key))
-    fixed = len(task) + len(needle) + len(question) + len(answer)
+    answer, separator = encode(ANSWER.format(key=key)), encode(SEPARATOR)
+    fixed = len(task) + len(needle) + len(question) + len(answer) + 4 * len(separator)
     filler_tokens = length - fixed if filler else 0
     if filler_tokens < 0:
         raise ValueError(f"a passkey prompt needs at least {fixed} tokens with this tokenizer, length {length} is too short")
     unit = encode(FILLER)
     text = (unit * (filler_tokens // len(unit) + 1))[:filler_tokens]
     before = round(depth * filler_tokens)
-    ids = task + text[:before] + needle + text[before:] + question + answer
-    return ids, len(answer)
+    ids = task + separator + text[:before] + separator + needle + separator + text[before:] + separator + question
+    return ids + answer, len(answer)
 
 
-def greedy_matches(logits: torch.Tensor, input_ids: torch.Tensor, answer_tokens: int) -> torch.Tensor:
-    """Whether greedy decoding reproduces the last ``answer_tokens`` tokens of each row.
+@torch.inference_mode()
+def greedy_continuation(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> list[int]:
+    """The ``new_tokens`` tokens greedy decoding appends to ``input_ids`` ``[1, L]`` (fewer at an end-of-sequence).
 
-    ``logits``: ``[B, K, V]``, the logits of the last ``K >= answer_tokens + 1`` positions of
-    ``input_ids`` ``[B, L]``. Returns ``[B]`` bool: every argmax that predicts an answer token
-    equals that token.
+    A transformers model decodes with ``generate`` (its KV cache, and whatever cache a patch gives it);
+    any other causal LM (``model(input_ids, logits_to_keep=1).logits``) is run on the whole prefix per token.
     """
-    predicted = logits[:, -answer_tokens - 1 : -1].argmax(-1)
-    return (predicted == input_ids[:, -answer_tokens:]).all(-1)
+    if hasattr(model, "generate") and getattr(model, "generation_config", None) is not None:
+        output = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, do_sample=False,
+            num_beams=1, temperature=None, top_p=None, top_k=None,
+        )  # fmt: skip
+        return output[0, input_ids.shape[1] :].tolist()
+    ids = input_ids
+    for _ in range(new_tokens):
+        token = model(input_ids=ids, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token.to(ids.dtype)], dim=-1)
+    return ids[0, input_ids.shape[1] :].tolist()
+
+
+def first_number(text: str) -> str:
+    """The first run of digits in ``text`` ("" when there is none): the answer the protocol reads."""
+    match = re.search(r"\d+", text)
+    return match.group() if match else ""
 
 
 def passkey_keys(trials: int, seed: int = 0) -> list[str]:
@@ -113,8 +138,9 @@ def passkey_accuracy(
 ) -> list[PasskeyPoint]:
     """Retrieval accuracy at every (length, depth), over ``trials`` random 5-digit keys each.
 
-    The keys are :func:`passkey_keys`, so every model sees the same trials. Raises
-    ``ValueError`` for a length below :func:`min_passkey_length`.
+    The keys are :func:`passkey_keys`, so every model sees the same trials. ``length`` counts the
+    prompt and the answer (the model reads ``length - answer tokens`` and continues greedily for
+    :data:`NEW_TOKENS` tokens). Raises ``ValueError`` for a length below :func:`min_passkey_length`.
     """
     keys = passkey_keys(trials, seed)
     device = next(model.parameters()).device
@@ -122,13 +148,18 @@ def passkey_accuracy(
     with tqdm(total=len(lengths) * len(depths) * trials, desc=desc, unit="trial", leave=False) as bar:
         for length in lengths:
             for depth in depths:
-                hits = 0
+                hits = exact = 0
+                answers = []
                 for key in keys:
                     ids, answer_tokens = passkey_prompt(tokenizer, int(length), float(depth), key)
-                    input_ids = torch.tensor([ids], device=device)
-                    logits = model(input_ids=input_ids, logits_to_keep=answer_tokens + 1).logits
-                    hits += int(greedy_matches(logits, input_ids, answer_tokens).item())
+                    prompt, answer = ids[:-answer_tokens], ids[-answer_tokens:]
+                    continuation = greedy_continuation(model, torch.tensor([prompt], device=device))
+                    answers.append(first_number(tokenizer.decode(continuation)))
+                    hits += answers[-1] == key
+                    exact += continuation[:answer_tokens] == answer
                     bar.update(1)
-                points.append(PasskeyPoint(length=int(length), depth=float(depth), accuracy=hits / trials, trials=trials))
-                logger.info("%s: length %d depth %.2f accuracy %.2f", desc, length, depth, hits / trials)
+                points.append(PasskeyPoint(length=int(length), depth=float(depth), accuracy=hits / trials, trials=trials,
+                                           exact=exact / trials, answers=answers))
+                logger.info("%s: length %d depth %.2f accuracy %.2f (answers %s)", desc, length, depth, hits / trials,
+                            answers)
     return points

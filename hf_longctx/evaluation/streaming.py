@@ -10,6 +10,15 @@ Baselines use the same loop: ``cache=DynamicCache()`` is the dense model (all to
 absolute positions), ``SinkCache(0, W)`` is a window without sinks, and ``recompute=True`` is
 the sliding window with re-computation of StreamingLLM: each token re-reads its sinks and last
 ``window`` tokens from scratch, with no cache.
+
+:func:`streaming_nll` gives the same per-token losses as the one-token-per-step loop with a
+SinkCache, from one forward pass over the stream. A streamed token's keys and values never
+change once computed, so every token can be computed at once, layer by layer, if each query
+sees exactly what the cache would show it: the sinks and the last ``W`` tokens (itself
+included), at the cache's positions. Only distances matter to RoPE: a window key sits at its
+true distance ``j - k``; a sink ``i`` sits at ``min(j, S + W - 1) - i``, so its score uses the
+query rotated back by ``max(0, j - S - W + 1)`` positions. The loop costs one forward of the
+whole model per token; this costs about one forward of the stream.
 """
 
 from __future__ import annotations
@@ -26,10 +35,14 @@ from typing import Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from .. import compat
-from ..streaming.cache import SinkCache
+from ..families import get_family
+from ..positions import module_alibi_slopes
+from ..streaming.cache import SinkCache, rotate_keys
 from ..streaming.patch import streaming_forward
 
 logger = logging.getLogger(__name__)
@@ -195,3 +208,121 @@ def streaming_perplexity(
     result.token_nll = nll.tolist()
     logger.info("streaming perplexity (%s, S=%d, W=%d): %.3f", method, sink_tokens, window, result.points[-1].perplexity)
     return result
+
+
+# rope types whose frequencies depend on the sequence length: the parallel pass sees positions up to N - 1 where the
+# stream never goes past S + W - 1, so they would not match
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# attention arguments that do not change the result (the decoders pass them through)
+_NEUTRAL_ARGUMENTS = {"position_ids", "is_causal", "output_attentions", "cache_position", "use_cache", "cache",
+                      "past_key_values", "return_dict", "output_hidden_states", "num_items_in_batch", "labels"}
+
+
+def parallel_streaming_check(model: nn.Module) -> None:
+    """Raise ``ValueError`` saying why :func:`streaming_nll` cannot reproduce the stream of ``model``.
+
+    Supported: one rotary embedding of the ``position * inv_freq`` kind (not dynamic NTK or LongRoPE), full
+    attention in every layer (no native sliding window, no softcap or sink logits: the attention function
+    raises for those at run time), no hf_longctx attention or ALiBi patch.
+    """
+    from ..attention.backend import native_windows  # the attention technique stays out of the evaluation's imports
+
+    config = model.config.get_text_config(decoder=True)
+    kind = model.config.model_type
+    if str(model.config._attn_implementation).startswith("hf_longctx") or any(
+        module_alibi_slopes(m) is not None for m in model.modules()
+    ):
+        raise ValueError(f"{kind}: the attention is patched (attention or alibi section); stream it with "
+                         "streaming_perplexity instead")
+    family = get_family(model)
+    rotaries = family.rotary_embeddings(model)
+    if len(rotaries) != 1 or not hasattr(next(iter(rotaries.values())), "inv_freq"):
+        raise ValueError(f"{kind}: streaming_nll needs one rotary embedding with inv_freq, found {len(rotaries)}")
+    params = getattr(config, "rope_parameters", None) or {}
+    types = {params.get("rope_type", "default")} if "rope_type" in params or not params else {
+        p.get("rope_type", "default") for p in params.values() if isinstance(p, dict)}
+    if types & set(_LENGTH_DEPENDENT_ROPE):
+        raise ValueError(f"{kind}: rope type {sorted(types)} changes its frequencies with the length; "
+                         "stream it with streaming_perplexity instead")
+    windows = {w for w in native_windows(model) if w is not None}
+    if windows:
+        raise ValueError(f"{kind}: layers with a native sliding window ({sorted(windows)}) keep their own window in a "
+                         "SinkCache; stream it with streaming_perplexity instead")
+
+
+def _streaming_attention(rotary: nn.Module, sink_tokens: int, window: int, block: int):
+    """An AttentionInterface function: every query of a ``[1, H, N, D]`` stream sees what a SinkCache shows it."""
+    capacity = sink_tokens + window
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                  softcap=None, s_aux=None, **kwargs):
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_ARGUMENTS)
+        given = [name for name, v in (("attention_mask", attention_mask), ("sliding_window", sliding_window),
+                                      ("softcap", softcap), ("s_aux", s_aux)) if v is not None]
+        if unknown or given or (module.training and dropout):
+            raise ValueError(f"streaming_nll does not reproduce attention with {', '.join(given + unknown) or 'dropout'}")
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        groups = query.shape[1] // key.shape[1]
+        q = query.float()
+        k = key.float().repeat_interleave(groups, dim=1)
+        v = value.float().repeat_interleave(groups, dim=1)
+        n = q.shape[2]
+        positions = torch.arange(n, device=q.device)
+        inv_freq = rotary.inv_freq.double()
+        out = torch.empty_like(q)
+        for a in range(0, n, block):
+            b = min(a + block, n)
+            lo = max(0, a - window + 1)
+            queries, rows = q[:, :, a:b], positions[a:b, None]
+            columns = positions[None, lo:b]
+            scores = (queries @ k[:, :, lo:b].transpose(-1, -2) * scaling).masked_fill(
+                (columns > rows) | (columns <= rows - window), -math.inf)
+            keys, values = [scores], [v[:, :, lo:b]]
+            sinks = min(sink_tokens, max(0, b - window))  # sinks outside the window of some query of the block
+            if sinks:
+                back = (positions[a:b] - (capacity - 1)).clamp(min=0)  # positions to rotate each query back by
+                angles = -(back[:, None].double() * inv_freq)[None]
+                sink_scores = (rotate_keys(queries, angles) @ k[:, :, :sinks].transpose(-1, -2) * scaling).masked_fill(
+                    positions[None, :sinks] > rows - window, -math.inf)  # inside the window it is a window key
+                keys.insert(0, sink_scores)
+                values.insert(0, v[:, :, :sinks])
+            weights = torch.cat(keys, dim=-1).softmax(dim=-1)
+            out[:, :, a:b] = weights @ torch.cat(values, dim=-2)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@torch.no_grad()
+def streaming_nll(
+    model: nn.Module, token_ids: torch.Tensor | Sequence[int], sink_tokens: int = 4, window: int = 1020, *,
+    block: int = 256,
+) -> torch.Tensor:
+    """Per-prediction negative log-likelihood ``[N - 1]`` (nats, float64) of streaming ``token_ids`` one token at a
+    time through ``SinkCache(sink_tokens, window)`` in the cache frame, as :func:`streaming_perplexity` does, from one
+    forward pass (see the module docstring). ``sink_tokens=0`` is a sliding window of ``window`` tokens.
+
+    ``block``: queries per block of the attention (memory ``~ H * block * (block + window)`` floats per layer).
+    The logits of the whole stream are materialised (``N x vocabulary`` floats). Raises ``ValueError`` for a model
+    it cannot reproduce (:func:`parallel_streaming_check`).
+    """
+    if sink_tokens < 0 or window < 1:
+        raise ValueError(f"need sink_tokens >= 0 and window >= 1, got {sink_tokens} and {window}")
+    parallel_streaming_check(model)
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1).to(model.device)
+    if ids.shape[1] < 2:
+        raise ValueError(f"the stream needs at least 2 tokens, got {ids.shape[1]}")
+    rotary = get_family(model).rotary_embedding(model)
+    name = f"hf_longctx_stream_eval_s{sink_tokens}_w{window}"
+    AttentionInterface.register(name, _streaming_attention(rotary, sink_tokens, window, block))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, lambda *args, **kwargs: None)  # the function builds its own
+    previous, was_training = model.config._attn_implementation, model.training
+    forward = type(model).forward.__get__(model)  # the class forward, under any streaming patch
+    model.eval()
+    model.set_attn_implementation(name)
+    try:
+        logits = forward(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    finally:
+        model.set_attn_implementation(previous)
+        model.train(was_training)
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").double().cpu()
