@@ -11,10 +11,15 @@ The checkpoint (Llama architecture, 135M parameters, 8192 trained positions) com
 The text is the Python documentation's topic help (``pydoc_data.topics``): English prose and
 examples, about 110k tokens. Three sections, each a table:
 
-- **streaming**: one stream of ``stream_tokens`` tokens, token by token, through a cache of
-  ``cache_tokens``: dense (every token kept; the stream stays within the trained length),
-  attention sinks + window (StreamingLLM), window only, and the sliding window with
-  re-computation (each scored token re-reads its window from scratch);
+- **streaming**: one stream of ``stream_tokens`` tokens through a cache of ``cache_tokens``: dense
+  (every token kept; the stream stays within the trained length), attention sinks + window
+  (StreamingLLM), window only, and the sliding window with re-computation (each scored token
+  re-reads its window from scratch). The perplexity of every token of the stream comes from one
+  forward pass per method (the model itself for dense, :func:`~hf_longctx.evaluation.streaming_nll`
+  for the caches); time and memory come from really streaming: the caches token by token until
+  they are full and ``timed_steps`` tokens more, dense in chunks and then its last ``timed_steps``
+  tokens one by one. Those real streams score their tokens too, and the demo stops if they
+  differ from the one-pass losses (``max |dNLL|`` column);
 - **passkey** inside the trained length: the plain model, and the model patched with
   ``attention: {sliding_window, sink_tokens}`` of the same size as the cache (it forgets what
   left the window);
@@ -44,6 +49,7 @@ from . import loading, patch, unpatch
 from .demo import cache_root
 from .evaluation import (
     format_length,
+    streaming_nll,
     markdown_table,
     passkey_accuracy,
     perplexity_vs_length,
@@ -71,7 +77,8 @@ class RealDemoSettings:
     stream_tokens: int = 2048  # streaming: tokens streamed (one prediction fewer is scored)
     cache_tokens: int = 256  # streaming and passkey: the KV cache / attention window, sinks included
     sink_tokens: int = 4
-    recompute_every: int = 8  # the recompute baseline scores every k-th prediction (each is a full window forward)
+    recompute_every: int = 16  # the recompute baseline scores every k-th prediction (each is a full window forward)
+    timed_steps: int = 64  # streaming: single-token steps timed once the cache is full (dense: the last ones)
     checkpoint_every: int = 256  # streaming: a point of the curve every this many predictions
     passkey_lengths: tuple[int, ...] = (1024, 2048, 4096)
     passkey_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
@@ -87,6 +94,7 @@ QUICK = RealDemoSettings(
     stream_tokens=48,
     cache_tokens=16,
     recompute_every=4,
+    timed_steps=8,
     checkpoint_every=16,
     passkey_lengths=(100,),
     passkey_depths=(0.0, 1.0),
@@ -155,36 +163,61 @@ def english_tokens(tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
 
 
+# The one-pass losses and the real streams are both float32 over the same operations in another order.
+STREAM_CHECK_TOLERANCE = 1e-3
+
+
 def streaming_section(model, tokens: torch.Tensor, settings: RealDemoSettings) -> list[dict[str, Any]]:
     """One row per method: perplexity over all predictions and over the recompute's, time, memory."""
     ids = tokens[: settings.stream_tokens]
     total = len(ids) - 1
-    c, s, k = settings.cache_tokens, settings.sink_tokens, settings.recompute_every
+    c, s, k, steps = settings.cache_tokens, settings.sink_tokens, settings.recompute_every, settings.timed_steps
     checkpoints = sorted({*range(settings.checkpoint_every, total, settings.checkpoint_every), total})
-    runs = {  # name: (sink tokens, window, how)
-        "dense": (0, total + 1, dict(cache=DynamicCache())),
-        f"sinks {s} + window {c - s}": (s, c - s, dict(cache=SinkCache(s, c - s, model=model))),
-        f"window {c}": (0, c, dict(cache=SinkCache(0, c, model=model))),
-        f"recompute window {c}": (0, c, dict(recompute=True, score_every=k)),
-    }
+    with torch.inference_mode():
+        logits = model(ids[None]).logits[0, :-1].float()
+        dense = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none").double()
+        del logits
+    timed = ids[: c + steps + 1]  # the caches: filled, then `steps` tokens that evict
+    runs = {  # name: (losses of the whole stream from one pass, the real stream that is timed and checked)
+        "dense": (dense, dict(ids=ids, sink_tokens=0, window=total + 1, cache=DynamicCache(), warmup=total - steps)),
+        f"sinks {s} + window {c - s}": (streaming_nll(model, ids, s, c - s),
+                                        dict(ids=timed, sink_tokens=s, window=c - s, cache=SinkCache(s, c - s, model=model))),
+        f"window {c}": (streaming_nll(model, ids, 0, c), dict(ids=timed, sink_tokens=0, window=c, cache=SinkCache(0, c, model=model))),
+        f"recompute window {c}": (None, dict(ids=ids, sink_tokens=0, window=c, recompute=True, score_every=k)),
+    }  # fmt: skip
     rows = []
-    for name, (sinks, window, how) in runs.items():
-        result = streaming_perplexity(model, ids, sinks, window, checkpoints=checkpoints, **how)
-        nll = torch.tensor(result.token_nll, dtype=torch.float64)
-        last = result.points[-1]
+    for name, (nll, how) in runs.items():
+        stream = how.pop("ids")
+        streamed = len(stream) - 1
+        real = streaming_perplexity(model, stream, checkpoints=sorted({streamed - steps, streamed}), **how)
+        real_nll = torch.tensor(real.token_nll, dtype=torch.float64)
+        difference = None
+        if nll is None:  # recompute: what it scores is what it streamed
+            nll = real_nll
+        else:
+            difference = (real_nll - nll[:streamed]).abs().max().item()
+            if not difference <= STREAM_CHECK_TOLERANCE:
+                raise RuntimeError(f"streaming {name}: the real stream's losses differ from the one-pass losses by "
+                                   f"{difference:.3g} nats (more than {STREAM_CHECK_TOLERANCE}); the table would be wrong")
+        last = real.points[-1]
+        cache_tokens = last.cache_tokens if how.get("recompute") or name == "dense" else c
         rows.append(
             {
                 "method": name,
-                "cache_tokens": last.cache_tokens,
-                "perplexity": math.exp(nll.nanmean().item()) if not how.get("recompute") else None,
+                "cache_tokens": cache_tokens,
+                "perplexity": None if how.get("recompute") else math.exp(nll.mean().item()),
                 "perplexity_recomputed_tokens": math.exp(nll[k - 1 :: k].mean().item()),
-                "ms_per_token": 1000 * result.seconds / (~nll.isnan()).sum().item(),
-                "peak_memory_added_mb": (last.peak_memory_bytes - result.start_memory_bytes) / 2**20,
+                # recompute: wall time per scored token; the others: the timed single-token steps at the end
+                "ms_per_token": 1000 * real.seconds / (~real_nll.isnan()).sum().item() if how.get("recompute")
+                else last.ms_per_token,
+                "peak_memory_added_mb": (last.peak_memory_bytes - real.start_memory_bytes) / 2**20,
                 "kv_cache_mb": last.cache_bytes / 2**20,
+                "streamed_tokens": streamed,
+                "max_nll_difference": difference,
                 # cumulative, on the recompute's tokens for every method, so that the curves compare
-                "curve": [{"tokens": c, "perplexity": math.exp(nll[k - 1 : c : k].mean().item())} for c in checkpoints],
+                "curve": [{"tokens": p, "perplexity": math.exp(nll[k - 1 : p : k].mean().item())} for p in checkpoints],
             }
-        )
+        )  # fmt: skip
         tqdm.write(f"streaming {name}: perplexity {rows[-1]['perplexity_recomputed_tokens']:.2f} on every {k}th token")
     return rows
 
@@ -229,13 +262,16 @@ def rope_section(model, tokenizer, tokens: torch.Tensor, settings: RealDemoSetti
 
 def _streaming_table(rows: list[dict], settings: RealDemoSettings) -> str:
     k = settings.recompute_every
-    header = f"| method | cache (tokens) | perplexity, all | perplexity, every {k}th | ms / token | peak memory added (MB) | KV cache (MB) |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
+    header = (f"| method | cache (tokens) | perplexity, all | perplexity, every {k}th | ms / token | "
+              "peak memory added (MB) | KV cache (MB) | streamed for real (tokens) | max abs dNLL |")  # fmt: skip
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         everything = "" if r["perplexity"] is None else f"{r['perplexity']:.2f}"
+        difference = "" if r["max_nll_difference"] is None else f"{r['max_nll_difference']:.1e}"
         lines.append(
             f"| {r['method']} | {r['cache_tokens']} | {everything} | {r['perplexity_recomputed_tokens']:.2f} | "
-            f"{r['ms_per_token']:.1f} | {r['peak_memory_added_mb']:.0f} | {r['kv_cache_mb']:.1f} |"
+            f"{r['ms_per_token']:.1f} | {r['peak_memory_added_mb']:.0f} | {r['kv_cache_mb']:.1f} | "
+            f"{r['streamed_tokens']} | {difference} |"
         )
     return "\n".join(lines)
 
@@ -297,8 +333,11 @@ def run_real_demo(out_dir: str | Path, settings: RealDemoSettings = RealDemoSett
         written.append(plot_passkey(rows, out_dir / f"passkey-{name.split()[0]}.png", title=f"SmolLM2-135M passkey: {name}"))
 
     print(f"\nSmolLM2-135M-Instruct ({origin}); {machine}")
-    print(f"\nStreaming {len(tokens[: settings.stream_tokens])} tokens of English, token by token, cache of "
-          f"{settings.cache_tokens} tokens (the dense cache keeps all; trained length {trained}):\n")  # fmt: skip
+    print(f"\nStreaming {len(tokens[: settings.stream_tokens])} tokens of English through a cache of {settings.cache_tokens} "
+          f"tokens (the dense cache keeps all; trained length {trained}). Perplexity: every token of the stream, "
+          f"from one pass per method; time per token: {settings.timed_steps} single-token steps of a real stream "
+          "once the cache is full (dense: the last ones); that stream's losses are checked against the one-pass "
+          "losses (max abs dNLL):\n")  # fmt: skip
     print(_streaming_table(results["streaming"], settings))
     print(f"\nPasskey retrieval inside the trained length ({settings.passkey_trials} trial(s) per cell):\n")
     print(_passkey_table(results["passkey"]))

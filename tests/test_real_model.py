@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_longctx as hl
 from hf_longctx import loading, real_demo
-from hf_longctx.evaluation import streaming_perplexity
+from hf_longctx.evaluation import streaming_nll, streaming_perplexity
 from hf_longctx.testing import tiny_model
 
 
@@ -82,10 +82,15 @@ def test_yarn_patch_equals_transformers_native_yarn_and_unpatch_is_exact(folder,
 
 def test_streaming_with_sinks_beats_a_window_alone(model, text_tokens):
     ids = text_tokens[:600]
-    sinks = streaming_perplexity(model, ids, 4, 60, checkpoints=[599], progress=False)
-    window = streaming_perplexity(model, ids, 0, 64, checkpoints=[599], progress=False)
-    assert sinks.points[-1].cache_tokens == window.points[-1].cache_tokens == 64
-    assert sinks.points[-1].perplexity < window.points[-1].perplexity
+    sinks, window = streaming_nll(model, ids, 4, 60), streaming_nll(model, ids, 0, 64)  # caches of 64 tokens
+    assert sinks.mean() < window.mean()
+    # the one-pass losses are those of the real stream, token by token: checked over the first 100 tokens, of
+    # which 36 are predicted after the caches started evicting
+    for (sink_tokens, size), one_pass in (((4, 60), sinks), ((0, 64), window)):
+        streamed = streaming_perplexity(model, ids[:101], sink_tokens, size, progress=False)
+        assert streamed.points[-1].cache_tokens == 64
+        real = torch.tensor(streamed.token_nll, dtype=torch.float64)
+        assert (real - one_pass[:100]).abs().max() < real_demo.STREAM_CHECK_TOLERANCE
 
 
 def test_real_demo_quick_writes_every_section(folder, tmp_path, capsys):
@@ -99,6 +104,8 @@ def test_real_demo_quick_writes_every_section(folder, tmp_path, capsys):
     assert list(streaming) == ["dense", "sinks 4 + window 12", "window 16", "recompute window 16"]
     assert streaming["dense"]["cache_tokens"] == settings.stream_tokens - 1
     assert all(r["cache_tokens"] == 16 for name, r in streaming.items() if name != "dense")
+    checked = [r["max_nll_difference"] for name, r in streaming.items() if not name.startswith("recompute")]
+    assert all(d is not None and d < real_demo.STREAM_CHECK_TOLERANCE for d in checked)
     # The window patch is applied in the passkey section: a key far out of its 16 tokens is never found.
     window = [r for r in saved["passkey"] if r["method"].startswith("window") and r["depth"] == 0.0]
     assert window and all(r["accuracy"] == 0.0 for r in window)

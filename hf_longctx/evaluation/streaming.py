@@ -130,6 +130,8 @@ def streaming_perplexity(
     cache: Cache | None = None,
     recompute: bool = False,
     score_every: int = 1,
+    warmup: int = 0,
+    warmup_chunk: int = 64,
     progress: bool = True,
 ) -> StreamingResult:
     """Stream ``token_ids`` (``[N]`` or ``[1, N]``) through ``model`` and score every next token.
@@ -141,7 +143,11 @@ def streaming_perplexity(
     A SinkCache streams in the cache position frame (positions never exceed ``S + W - 1``), the
     model patched for streaming or not. ``score_every`` (recompute only, whose every prediction
     is a forward over up to ``S + W`` tokens): score predictions ``k - 1, 2k - 1, ...`` only;
-    the others are NaN in ``token_nll`` and left out of the means.
+    the others are NaN in ``token_nll`` and left out of the means. ``warmup``: feed the first ``warmup``
+    tokens ``warmup_chunk`` at a time (scored like the rest; the time per token of the first checkpoint at or
+    after it includes them): for a cache that keeps every token (``DynamicCache``) chunks change nothing but the
+    speed, so the steps of interest (the last ones, with the longest context) are reached quickly; a SinkCache
+    would show a chunk other keys than single steps, and is refused.
     """
     model.eval()
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1).to(model.device)
@@ -150,6 +156,9 @@ def streaming_perplexity(
         raise ValueError(f"the stream needs at least 2 tokens, got {ids.shape[1]}")
     if score_every < 1 or (score_every > 1 and not recompute):
         raise ValueError(f"score_every must be 1, or >= 1 with recompute=True (a cache sees every token), got {score_every}")
+    if warmup and (recompute or cache is None or isinstance(cache, SinkCache)):
+        raise ValueError("warmup needs a cache that keeps every token (e.g. DynamicCache): a SinkCache step of several "
+                         "tokens sees other keys than single steps, and recompute has no cache")
     if checkpoints is None:
         checkpoints = sorted({max(1, round(total * (i + 1) / num_checkpoints)) for i in range(num_checkpoints)})
     bad = [c for c in checkpoints if not score_every <= c <= total]
@@ -170,7 +179,7 @@ def streaming_perplexity(
     bar = tqdm(total=total, desc=f"streaming ppl ({method})", disable=not progress, unit="tok")
     start = score_every - 1  # the first prediction to score
     while start < total:
-        size = min(chunk, total - start)
+        size = min(warmup_chunk, warmup - start) if start < warmup else min(chunk, total - start)
         if recompute:
             context = kept_indices(start, sink_tokens, window)
             logits = model(ids[:, context], logits_to_keep=1).logits.float()
