@@ -24,7 +24,10 @@ examples, about 110k tokens. Three sections, each a table:
   ``attention: {sliding_window, sink_tokens}`` of the same size as the cache (it forgets what
   left the window);
 - **rope** (``long=True``): at 1x and 2x the trained length, the perplexity of the same final
-  tokens and passkey retrieval at 2x, for no scaling and each RoPE scaling with factor 2.
+  tokens and passkey retrieval at 2x, for no scaling and each RoPE scaling with factor 2;
+- **spread** (``long=True``): the streaming perplexities (dense, sinks, window; one pass each) on
+  ``spread_streams`` streams of ``stream_tokens`` tokens spread evenly over the whole text, to show
+  how much the first stream's ratios depend on where the stream starts.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class RealDemoSettings:
     long_lengths: tuple[int, ...] = (8192, 16384)  # long: 1x and 2x the trained length
     long_score_tokens: int = 512  # long: the final tokens scored at every length
     long_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    spread_streams: int = 8  # long: streams of stream_tokens spread evenly over the text, one pass per method
 
 
 # Seconds instead of minutes, for the tests (the numbers mean nothing).
@@ -101,6 +105,7 @@ QUICK = RealDemoSettings(
     long_lengths=(100, 200),
     long_score_tokens=16,
     long_depths=(0.0, 1.0),
+    spread_streams=2,
 )
 
 
@@ -260,6 +265,33 @@ def rope_section(model, tokenizer, tokens: torch.Tensor, settings: RealDemoSetti
     return {"perplexity": perplexity, "passkey": passkey}
 
 
+def spread_section(model, tokens: torch.Tensor, settings: RealDemoSettings) -> list[dict[str, Any]]:
+    """Dense, sinks + window and window-only perplexity on streams spread evenly over the text (one pass each)."""
+    n, c, s = settings.stream_tokens, settings.cache_tokens, settings.sink_tokens
+    rows = []
+    for i in tqdm(range(settings.spread_streams), desc="streams over the text", unit="stream"):
+        start = i * (len(tokens) - n) // max(settings.spread_streams - 1, 1)
+        ids = tokens[start : start + n]
+        with torch.inference_mode():
+            dense = torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1].float(), ids[1:]).item()
+        sinks, window = streaming_nll(model, ids, s, c - s).mean().item(), streaming_nll(model, ids, 0, c).mean().item()
+        rows.append({"start": start, "dense": math.exp(dense), "sinks": math.exp(sinks), "window": math.exp(window)})
+    return rows
+
+
+def _spread_table(rows: list[dict], settings: RealDemoSettings) -> str:
+    c, s = settings.cache_tokens, settings.sink_tokens
+    lines = [f"| first token | dense | sinks {s} + window {c - s} | window {c} | sinks / dense | window / sinks |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['start']} | {r['dense']:.2f} | {r['sinks']:.2f} | {r['window']:.2f} | "
+                     f"{r['sinks'] / r['dense']:.3f} | {r['window'] / r['sinks']:.2f} |")  # fmt: skip
+    ratios = torch.tensor([[r["sinks"] / r["dense"], r["window"] / r["sinks"]] for r in rows])
+    median = ratios.median(dim=0).values.tolist()
+    lines.append(f"| median | | | | {median[0]:.3f} | {median[1]:.2f} |")
+    return "\n".join(lines)
+
+
 def _streaming_table(rows: list[dict], settings: RealDemoSettings) -> str:
     k = settings.recompute_every
     header = (f"| method | cache (tokens) | perplexity, all | perplexity, every {k}th | ms / token | "
@@ -318,6 +350,7 @@ def run_real_demo(out_dir: str | Path, settings: RealDemoSettings = RealDemoSett
     timed("passkey", lambda: passkey_section(model, tokenizer, settings))
     if long:
         timed("rope", lambda: rope_section(model, tokenizer, tokens, settings))
+        timed("spread", lambda: spread_section(model, tokens, settings))
     results["seconds"]["total"] = time.perf_counter() - began
     write_json(results, out_dir / "results.json")
 
@@ -345,6 +378,9 @@ def run_real_demo(out_dir: str | Path, settings: RealDemoSettings = RealDemoSett
         print(f"\nRoPE scalings (factor {settings.rope_factor:g}): perplexity of the same last "
               f"{settings.long_score_tokens} tokens, passkey retrieval over {len(settings.long_depths)} depths:\n")  # fmt: skip
         print(_rope_table(results["rope"], settings))
+        print(f"\nStreaming perplexity on {settings.spread_streams} streams of {settings.stream_tokens} tokens spread "
+              f"over the text ({len(tokens)} tokens; one pass per method, as above):\n")  # fmt: skip
+        print(_spread_table(results["spread"], settings))
     times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in results["seconds"].items())
     print(f"\nWall time: {times}. Wrote " + ", ".join(str(p) for p in written))
     return results

@@ -112,6 +112,7 @@ def test_real_demo_quick_writes_every_section(folder, tmp_path, capsys):
     rope = saved["rope"]
     assert {r["method"] for r in rope["perplexity"]} == {"none", "linear", "ntk", "dynamic", "yarn"}
     assert len(rope["passkey"]) == 5 * len(settings.long_depths)
+    assert len(saved["spread"]) == 2 and saved["spread"][0]["start"] == 0 and "| median |" in out
     for name in ("streaming.png", "passkey-plain.png", "passkey-window.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
