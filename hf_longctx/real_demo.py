@@ -183,28 +183,39 @@ def streaming_section(model, tokens: torch.Tensor, settings: RealDemoSettings) -
     total = len(ids) - 1
     c, s, k, steps = settings.cache_tokens, settings.sink_tokens, settings.recompute_every, settings.timed_steps
     checkpoints = sorted({*range(settings.checkpoint_every, total, settings.checkpoint_every), total})
-    with torch.inference_mode():
-        logits = model(ids[None]).logits[0, :-1].float()
-        dense = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none").double()
-        del logits
+
+    def dense() -> torch.Tensor:
+        with torch.inference_mode():
+            logits = model(ids[None]).logits[0, :-1].float()
+            return torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none").double()
+
     timed = ids[: c + steps + 1]  # the caches: filled, then `steps` tokens that evict
-    runs = {  # name: (losses of the whole stream from one pass, the real stream that is timed and checked)
+    # name: (losses of the whole stream from one pass, the real stream that is timed and checked). The real streams
+    # run first, dense first of all, so that the peak memory they add is not hidden by memory the process kept
+    # from a one-pass computation.
+    runs = {
         "dense": (dense, dict(ids=ids, sink_tokens=0, window=total + 1, cache=DynamicCache(), warmup=total - steps)),
-        f"sinks {s} + window {c - s}": (streaming_nll(model, ids, s, c - s),
+        f"sinks {s} + window {c - s}": (lambda: streaming_nll(model, ids, s, c - s),
                                         dict(ids=timed, sink_tokens=s, window=c - s, cache=SinkCache(s, c - s, model=model))),
-        f"window {c}": (streaming_nll(model, ids, 0, c), dict(ids=timed, sink_tokens=0, window=c, cache=SinkCache(0, c, model=model))),
+        f"window {c}": (lambda: streaming_nll(model, ids, 0, c),
+                        dict(ids=timed, sink_tokens=0, window=c, cache=SinkCache(0, c, model=model))),
         f"recompute window {c}": (None, dict(ids=ids, sink_tokens=0, window=c, recompute=True, score_every=k)),
     }  # fmt: skip
-    rows = []
-    for name, (nll, how) in runs.items():
+    streams = {}
+    for name, (_, how) in runs.items():
         stream = how.pop("ids")
         streamed = len(stream) - 1
-        real = streaming_perplexity(model, stream, checkpoints=sorted({streamed - steps, streamed}), **how)
+        streams[name] = streaming_perplexity(model, stream, checkpoints=sorted({streamed - steps, streamed}), **how)
+    rows = []
+    for name, (nll, how) in runs.items():  # nll: a function computing the one-pass losses, or None
+        real = streams[name]
         real_nll = torch.tensor(real.token_nll, dtype=torch.float64)
+        streamed = len(real_nll)
         difference = None
         if nll is None:  # recompute: what it scores is what it streamed
             nll = real_nll
         else:
+            nll = nll()
             difference = (real_nll - nll[:streamed]).abs().max().item()
             if not difference <= STREAM_CHECK_TOLERANCE:
                 raise RuntimeError(f"streaming {name}: the real stream's losses differ from the one-pass losses by "
