@@ -173,6 +173,13 @@ def _ordinal(k: int) -> str:
     return f"{k}{suffix}"
 
 
+@torch.inference_mode()
+def dense_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Per-prediction losses ``[N - 1]`` (nats, float64) of the model reading ``ids`` ``[N]`` in one forward."""
+    logits = model(ids[None]).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none").double()
+
+
 # The one-pass losses and the real streams are both float32 over the same operations in another order.
 STREAM_CHECK_TOLERANCE = 1e-3
 
@@ -184,17 +191,12 @@ def streaming_section(model, tokens: torch.Tensor, settings: RealDemoSettings) -
     c, s, k, steps = settings.cache_tokens, settings.sink_tokens, settings.recompute_every, settings.timed_steps
     checkpoints = sorted({*range(settings.checkpoint_every, total, settings.checkpoint_every), total})
 
-    def dense() -> torch.Tensor:
-        with torch.inference_mode():
-            logits = model(ids[None]).logits[0, :-1].float()
-            return torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none").double()
-
     timed = ids[: c + steps + 1]  # the caches: filled, then `steps` tokens that evict
     # name: (losses of the whole stream from one pass, the real stream that is timed and checked). The real streams
     # run first, dense first of all, so that the peak memory they add is not hidden by memory the process kept
     # from a one-pass computation.
     runs = {
-        "dense": (dense, dict(ids=ids, sink_tokens=0, window=total + 1, cache=DynamicCache(), warmup=total - steps)),
+        "dense": (lambda: dense_nll(model, ids), dict(ids=ids, sink_tokens=0, window=total + 1, cache=DynamicCache(), warmup=total - steps)),
         f"sinks {s} + window {c - s}": (lambda: streaming_nll(model, ids, s, c - s),
                                         dict(ids=timed, sink_tokens=s, window=c - s, cache=SinkCache(s, c - s, model=model))),
         f"window {c}": (lambda: streaming_nll(model, ids, 0, c),
@@ -288,8 +290,7 @@ def spread_section(model, tokens: torch.Tensor, settings: RealDemoSettings) -> l
     for i in tqdm(range(settings.spread_streams), desc="streams over the text", unit="stream"):
         start = i * (len(tokens) - n) // max(settings.spread_streams - 1, 1)
         ids = tokens[start : start + n]
-        with torch.inference_mode():
-            dense = torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1].float(), ids[1:]).item()
+        dense = dense_nll(model, ids).mean().item()
         sinks, window = streaming_nll(model, ids, s, c - s).mean().item(), streaming_nll(model, ids, 0, c).mean().item()
         rows.append({"start": start, "dense": math.exp(dense), "sinks": math.exp(sinks), "window": math.exp(window)})
     return rows

@@ -42,6 +42,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from .. import compat
 from ..families import get_family
 from ..positions import module_alibi_slopes
+from ..positions.rope import nested_types
 from ..streaming.cache import SinkCache, rotate_keys
 from ..streaming.patch import streaming_forward
 
@@ -222,9 +223,6 @@ def streaming_perplexity(
 # rope types whose frequencies depend on the sequence length: the parallel pass sees positions up to N - 1 where the
 # stream never goes past S + W - 1, so they would not match
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
-# attention arguments that do not change the result (the decoders pass them through)
-_NEUTRAL_ARGUMENTS = {"position_ids", "is_causal", "output_attentions", "cache_position", "use_cache", "cache",
-                      "past_key_values", "return_dict", "output_hidden_states", "num_items_in_batch", "labels"}
 
 
 def parallel_streaming_check(model: nn.Module) -> None:
@@ -248,8 +246,8 @@ def parallel_streaming_check(model: nn.Module) -> None:
     if len(rotaries) != 1 or not hasattr(next(iter(rotaries.values())), "inv_freq"):
         raise ValueError(f"{kind}: streaming_nll needs one rotary embedding with inv_freq, found {len(rotaries)}")
     params = getattr(config, "rope_parameters", None) or {}
-    types = {params.get("rope_type", "default")} if "rope_type" in params or not params else {
-        p.get("rope_type", "default") for p in params.values() if isinstance(p, dict)}
+    nested = nested_types(config)
+    types = {p.get("rope_type", "default") for p in ([params[t] for t in nested if params[t]] if nested else [params])}
     if types & set(_LENGTH_DEPENDENT_ROPE):
         raise ValueError(f"{kind}: rope type {sorted(types)} changes its frequencies with the length; "
                          "stream it with streaming_perplexity instead")
@@ -261,11 +259,14 @@ def parallel_streaming_check(model: nn.Module) -> None:
 
 def _streaming_attention(rotary: nn.Module, sink_tokens: int, window: int, block: int):
     """An AttentionInterface function: every query of a ``[1, H, N, D]`` stream sees what a SinkCache shows it."""
+    from ..attention.backend import _PASSED_THROUGH  # the arguments every decoder passes without effect
+
+    neutral = _PASSED_THROUGH | {"position_ids", "is_causal"}
     capacity = sink_tokens + window
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                   softcap=None, s_aux=None, **kwargs):
-        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_ARGUMENTS)
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in neutral)
         given = [name for name, v in (("attention_mask", attention_mask), ("sliding_window", sliding_window),
                                       ("softcap", softcap), ("s_aux", s_aux)) if v is not None]
         if unknown or given or (module.training and dropout):
