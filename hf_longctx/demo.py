@@ -143,11 +143,14 @@ def stdlib_split(holdout_every: int) -> tuple[list[Path], list[Path]]:
     ``holdout_every``: deterministic, and independent of which other files exist.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
+    installed = {"site-packages", "dist-packages"}
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in installed]  # not walked: can be 10^5 files
+        paths += [Path(folder, name) for name in files if name.endswith(".py")]
     train, held_out = [], []
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(paths):
         relative = path.relative_to(root)
-        if {"site-packages", "dist-packages"} & set(relative.parts):
-            continue
         (held_out if zlib.crc32(relative.as_posix().encode()) % holdout_every == 0 else train).append(path)
     if not train or not held_out:
         raise RuntimeError(f"found no standard library source under {root}; the demo trains on it")

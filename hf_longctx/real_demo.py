@@ -16,9 +16,9 @@ examples, about 110k tokens. Three sections, each a table:
   (StreamingLLM), window only, and the sliding window with re-computation (each scored token
   re-reads its window from scratch). The perplexity of every token of the stream comes from one
   forward pass per method (the model itself for dense, :func:`~hf_longctx.evaluation.streaming_nll`
-  for the caches); time and memory come from really streaming: the caches token by token until
-  they are full and ``timed_steps`` tokens more, dense in chunks and then its last ``timed_steps``
-  tokens one by one. Those real streams score their tokens too, and the demo stops if they
+  for the caches); time and memory come from really streaming: the caches filled in chunks (which
+  evict nothing) and then ``timed_steps`` tokens one by one, dense in chunks and then its last
+  ``timed_steps`` tokens one by one. Those real streams score their tokens too, and the demo stops if they
   differ from the one-pass losses (``max |dNLL|`` column);
 - **passkey** inside the trained length: the plain model, and the model patched with
   ``attention: {sliding_window, sink_tokens}`` of the same size as the cache (it forgets what
@@ -191,16 +191,16 @@ def streaming_section(model, tokens: torch.Tensor, settings: RealDemoSettings) -
     c, s, k, steps = settings.cache_tokens, settings.sink_tokens, settings.recompute_every, settings.timed_steps
     checkpoints = sorted({*range(settings.checkpoint_every, total, settings.checkpoint_every), total})
 
-    timed = ids[: c + steps + 1]  # the caches: filled, then `steps` tokens that evict
+    timed = ids[: c + steps + 1]  # the caches: filled in chunks (nothing evicted yet), then `steps` tokens that evict
     # name: (losses of the whole stream from one pass, the real stream that is timed and checked). The real streams
     # run first, dense first of all, so that the peak memory they add is not hidden by memory the process kept
     # from a one-pass computation.
     runs = {
         "dense": (lambda: dense_nll(model, ids), dict(ids=ids, sink_tokens=0, window=total + 1, cache=DynamicCache(), warmup=total - steps)),
         f"sinks {s} + window {c - s}": (lambda: streaming_nll(model, ids, s, c - s),
-                                        dict(ids=timed, sink_tokens=s, window=c - s, cache=SinkCache(s, c - s, model=model))),
+                                        dict(ids=timed, sink_tokens=s, window=c - s, cache=SinkCache(s, c - s, model=model), warmup=c)),
         f"window {c}": (lambda: streaming_nll(model, ids, 0, c),
-                        dict(ids=timed, sink_tokens=0, window=c, cache=SinkCache(0, c, model=model))),
+                        dict(ids=timed, sink_tokens=0, window=c, cache=SinkCache(0, c, model=model), warmup=c)),
         f"recompute window {c}": (None, dict(ids=ids, sink_tokens=0, window=c, recompute=True, score_every=k)),
     }  # fmt: skip
     streams = {}
@@ -272,7 +272,8 @@ def rope_section(model, tokenizer, tokens: torch.Tensor, settings: RealDemoSetti
             evaluated, tokens, settings.long_lengths, num_windows=1, score_tokens=settings.long_score_tokens, desc=name
         )
         perplexity += [{"method": name, **p.to_dict()} for p in points]
-        keys = passkey_accuracy(evaluated, tokenizer, [longest], settings.long_depths, trials=1, desc=f"{name} passkey")
+        keys = passkey_accuracy(evaluated, tokenizer, [longest], settings.long_depths, trials=1, share_prefix=None,
+                                desc=f"{name} passkey")  # fmt: skip
         passkey += [{"method": name, **p.to_dict()} for p in keys]
         tqdm.write(
             f"{name}: perplexity " + ", ".join(f"{format_length(p.length)} {p.perplexity:.2f}" for p in points)

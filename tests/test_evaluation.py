@@ -192,6 +192,62 @@ def test_passkey_accuracy_follows_what_the_model_can_see():
     assert [p.accuracy for p in passkey_accuracy(blind, ByteTokenizer(), [700], depths=[1.0], trials=2)] == [0.0]
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_shared_prefix_continues_every_prompt_as_a_fresh_run(model_type, monkeypatch):
+    from hf_longctx import patch
+    from hf_longctx.evaluation import passkey
+
+    model = patch(tiny_model(model_type, seed=3), {"rope": {"type": "yarn", "factor": 2}})
+    calls = []
+    real = passkey.greedy_continuation
+
+    def recording(model, input_ids, new_tokens=passkey.NEW_TOKENS, cache=None):
+        cached = 0 if cache is None else cache.get_seq_length()
+        continuation = real(model, input_ids, new_tokens, cache=cache)
+        calls.append((input_ids, cached, continuation))
+        if cache is not None:  # the cache now holds the prompt's keys and values as a fresh forward computes them
+            fresh = model(input_ids, use_cache=True).past_key_values
+            length = input_ids.shape[1]
+            for got, expected in zip(cache.layers, fresh.layers, strict=True):
+                torch.testing.assert_close(got.keys[:, :, :length], expected.keys, rtol=0, atol=1e-5)
+                torch.testing.assert_close(got.values[:, :, :length], expected.values, rtol=0, atol=1e-5)
+        return continuation
+
+    monkeypatch.setattr(passkey, "greedy_continuation", recording)
+    depths = [0.0, 0.5, 0.75, 1.0]  # 300 bytes: the prompt before the needle is 134 bytes, the filler 62
+    shared = passkey_accuracy(model, ByteTokenizer(), [300], depths, trials=2, share_prefix=True)
+    assert len(calls) == 8
+    # deepest first; a depth sharing more than half of its prompt with the one before starts from its cache cropped
+    # to the common prefix (0.75 and 0.5), the others run fresh (1 and 0)
+    assert [cached for _, cached, _ in calls] == [0, 134 + 46, 134 + 31, 0] * 2
+    for input_ids, cached, continuation in calls:
+        assert continuation == real(model, input_ids)  # what a fresh generate gives
+    calls.clear()
+    fresh = passkey_accuracy(model, ByteTokenizer(), [300], depths, trials=2)
+    assert all(cached == 0 for _, cached, _ in calls)
+    assert [(p.depth, p.answers, p.exact) for p in shared] == [(p.depth, p.answers, p.exact) for p in fresh]
+
+
+def test_prefix_sharing_is_refused_where_a_prefix_is_not_reusable():
+    from hf_longctx import patch
+    from hf_longctx.evaluation.passkey import prefix_sharing_check
+
+    prefix_sharing_check(patch(tiny_model("llama"), {"rope": {"type": "linear", "factor": 2}}))  # allowed
+    with pytest.raises(ValueError, match="changes its frequencies"):
+        prefix_sharing_check(patch(tiny_model("llama"), {"rope": {"type": "dynamic", "factor": 2}}))
+    with pytest.raises(ValueError, match="native sliding window"):
+        prefix_sharing_check(tiny_model("mistral", sliding_window=8))
+    with pytest.raises(ValueError, match="patched with \\['attention'\\]"):
+        prefix_sharing_check(patch(tiny_model("llama"), {"attention": {"sliding_window": 8}}))
+    with pytest.raises(ValueError, match="transformers model"):
+        prefix_sharing_check(StubLM(lookback_copier(window=10)))
+    # share_prefix=None falls back to fresh prompts; True raises
+    dynamic = patch(tiny_model("llama"), {"rope": {"type": "dynamic", "factor": 2}})
+    assert len(passkey_accuracy(dynamic, ByteTokenizer(), [300], [0.0], trials=1, share_prefix=None)) == 1
+    with pytest.raises(ValueError, match="changes its frequencies"):
+        passkey_accuracy(dynamic, ByteTokenizer(), [300], [0.0], trials=1, share_prefix=True)
+
+
 def test_markdown_table_pivots_rows():
     rows = [
         {"method": "none", "length": 512, "bpb": 1.0},

@@ -326,6 +326,23 @@ def test_streaming_perplexity_matches_oracles():
     assert result.points[-1].cache_tokens == S + W
 
 
+@pytest.mark.parametrize("warmup", [S + W, S + W + 7])  # up to the capacity; past it (the rest goes token by token)
+def test_streaming_perplexity_warmup_changes_only_the_speed(warmup):
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = tokens(1, 40)[0]
+    single = streaming_perplexity(model, ids, sink_tokens=S, window=W, progress=False)
+    warmed = streaming_perplexity(model, ids, sink_tokens=S, window=W, warmup=warmup, warmup_chunk=5, progress=False)
+    torch.testing.assert_close(torch.tensor(warmed.token_nll), torch.tensor(single.token_nll), rtol=0, atol=1e-5)
+    # and a DynamicCache warmed up in chunks: the dense losses of one forward
+    dense = streaming_perplexity(model, ids, cache=DynamicCache(), warmup=warmup, warmup_chunk=5, progress=False)
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0, :-1]
+    expected = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+    torch.testing.assert_close(torch.tensor(dense.token_nll, dtype=torch.float32), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="recompute has none"):
+        streaming_perplexity(model, ids, sink_tokens=S, window=W, recompute=True, warmup=warmup, progress=False)
+
+
 # --- long streams: one-slot re-rotations do not drift -----------------------------------------------
 
 

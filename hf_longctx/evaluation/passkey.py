@@ -11,6 +11,15 @@ tokens (``exact``), the stricter reading.
 
 The parts of the prompt are tokenized separately and concatenated, so the length is exact and
 the same filler tokens surround the key at every depth.
+
+Prompts of one length and key differ only from the needle on, so with ``share_prefix`` the depths are
+run deepest first and a prompt that shares more than half of its tokens with the previous one reuses
+that prompt's KV cache, cropped to the common prefix: the same computation as a fresh prompt, with less
+of it. Below half it runs fresh: the remaining tokens then attend to the cache through an explicit
+mask, which (torch's CPU attention, 16k tokens) costs more than a fresh causal forward saves. It needs
+a cache that can be cropped back and keys that do not depend on the rest of the prompt, so it is
+refused for RoPE whose frequencies follow the length (dynamic NTK, LongRoPE), native sliding windows,
+and hf_longctx sections other than ``rope``.
 """
 
 from __future__ import annotations
@@ -24,6 +33,11 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from .. import compat
+from ..patching import applied_sections
+from ..positions.rope import LENGTH_DEPENDENT_TYPES, rope_types
 
 logger = logging.getLogger(__name__)
 
@@ -89,23 +103,57 @@ def passkey_prompt(
 
 
 @torch.inference_mode()
-def greedy_continuation(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> list[int]:
+def greedy_continuation(
+    model: nn.Module, input_ids: torch.Tensor, new_tokens: int = NEW_TOKENS, cache: DynamicCache | None = None
+) -> list[int]:
     """The ``new_tokens`` tokens greedy decoding appends to ``input_ids`` ``[1, L]`` (fewer at an end-of-sequence).
 
-    A transformers model decodes with ``generate`` (its KV cache, and whatever cache a patch gives it);
-    any other causal LM (``model(input_ids, logits_to_keep=1).logits``) is run on the whole prefix per token.
+    A transformers model decodes with ``generate`` (its KV cache, and whatever cache a patch gives it; ``cache``:
+    a cache that already holds the first tokens of ``input_ids``, which are then not run again); any other causal
+    LM (``model(input_ids, logits_to_keep=1).logits``) is run on the whole prefix per token.
     """
     if hasattr(model, "generate") and getattr(model, "generation_config", None) is not None:
         output = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, do_sample=False,
-            num_beams=1, temperature=None, top_p=None, top_k=None,
+            num_beams=1, temperature=None, top_p=None, top_k=None, **({} if cache is None else {compat.CACHE: cache}),
         )  # fmt: skip
         return output[0, input_ids.shape[1] :].tolist()
+    if cache is not None:
+        raise ValueError("a cache needs a transformers model (generate)")
     ids = input_ids
     for _ in range(new_tokens):
         token = model(input_ids=ids, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, token.to(ids.dtype)], dim=-1)
     return ids[0, input_ids.shape[1] :].tolist()
+
+
+def prefix_sharing_check(model: nn.Module) -> None:
+    """Raise ``ValueError`` saying why prompts cannot share a cropped KV cache on ``model`` (see the module)."""
+    from ..attention.backend import native_windows  # the attention technique stays out of the evaluation's imports
+
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if not (hasattr(model, "generate") and getattr(model, "generation_config", None) is not None):
+        raise ValueError(f"{kind}: sharing a prefix needs a transformers model (generate and its cache)")
+    other = sorted(set(applied_sections(model)) - {"rope"})
+    if other:
+        raise ValueError(f"{kind}: patched with {other}, whose caches or attention a cropped DynamicCache would not keep")
+    types = rope_types(model.config.get_text_config(decoder=True))
+    if types & set(LENGTH_DEPENDENT_TYPES):
+        raise ValueError(f"{kind}: rope type {sorted(types)} changes its frequencies with the length, so the keys of "
+                         "a prefix depend on the whole prompt")
+    windows = {w for w in native_windows(model) if w is not None}
+    if windows:
+        raise ValueError(f"{kind}: layers with a native sliding window ({sorted(windows)}) keep a cache that cannot "
+                         "be cropped back")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def first_number(text: str) -> str:
@@ -134,6 +182,7 @@ def passkey_accuracy(
     *,
     trials: int = 5,
     seed: int = 0,
+    share_prefix: bool | None = False,
     desc: str = "passkey",
 ) -> list[PasskeyPoint]:
     """Retrieval accuracy at every (length, depth), over ``trials`` random 5-digit keys each.
@@ -141,25 +190,45 @@ def passkey_accuracy(
     The keys are :func:`passkey_keys`, so every model sees the same trials. ``length`` counts the
     prompt and the answer (the model reads ``length - answer tokens`` and continues greedily for
     :data:`NEW_TOKENS` tokens). Raises ``ValueError`` for a length below :func:`min_passkey_length`.
+    ``share_prefix``: reuse the KV cache of the common prefix across depths (see the module);
+    ``None``: share when :func:`prefix_sharing_check` allows it; ``True``: raise when it does not.
     """
+    if share_prefix is not False:
+        try:
+            prefix_sharing_check(model)
+            share_prefix = True
+        except ValueError:
+            if share_prefix:
+                raise
+            share_prefix = False
     keys = passkey_keys(trials, seed)
     device = next(model.parameters()).device
-    points = []
+    order = sorted(depths, reverse=True) if share_prefix else list(depths)  # deepest first: the longest prefixes
+    runs: dict[tuple[int, float], list[tuple[list[int], list[int]]]] = {}  # (length, depth): (continuation, answer)
     with tqdm(total=len(lengths) * len(depths) * trials, desc=desc, unit="trial", leave=False) as bar:
         for length in lengths:
-            for depth in depths:
-                hits = exact = 0
-                answers = []
-                for key in keys:
+            for key in keys:
+                cache, previous = (DynamicCache() if share_prefix else None), []
+                for depth in order:
                     ids, answer_tokens = passkey_prompt(tokenizer, int(length), float(depth), key)
                     prompt, answer = ids[:-answer_tokens], ids[-answer_tokens:]
-                    continuation = greedy_continuation(model, torch.tensor([prompt], device=device))
-                    answers.append(first_number(tokenizer.decode(continuation)))
-                    hits += answers[-1] == key
-                    exact += continuation[:answer_tokens] == answer
+                    if cache is not None:  # keep what the previous prompt shares with this one; one token at least is new
+                        keep = min(_common_prefix(previous, prompt), len(prompt) - 1)
+                        drop = cache.get_seq_length() - (keep if 2 * keep > len(prompt) else 0)  # see the module
+                        if drop > 0:
+                            cache.crop(-drop)  # a negative count removes that many tokens (every transformers 5)
+                        previous = prompt
+                    continuation = greedy_continuation(model, torch.tensor([prompt], device=device), cache=cache)
+                    runs.setdefault((int(length), float(depth)), []).append((continuation, answer))
                     bar.update(1)
-                points.append(PasskeyPoint(length=int(length), depth=float(depth), accuracy=hits / trials, trials=trials,
-                                           exact=exact / trials, answers=answers))
-                logger.info("%s: length %d depth %.2f accuracy %.2f (answers %s)", desc, length, depth, hits / trials,
-                            answers)
+    points = []
+    for length in lengths:
+        for depth in depths:
+            done = runs[(int(length), float(depth))]
+            answers = [first_number(tokenizer.decode(continuation)) for continuation, _ in done]
+            hits = sum(answer == key for answer, key in zip(answers, keys))
+            exact = sum(continuation[: len(answer)] == answer for continuation, answer in done)
+            points.append(PasskeyPoint(length=int(length), depth=float(depth), accuracy=hits / trials, trials=trials,
+                                       exact=exact / trials, answers=answers))
+            logger.info("%s: length %d depth %.2f accuracy %.2f (answers %s)", desc, length, depth, hits / trials, answers)
     return points

@@ -42,7 +42,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from .. import compat
 from ..families import get_family
 from ..positions import module_alibi_slopes
-from ..positions.rope import nested_types
+from ..positions.rope import LENGTH_DEPENDENT_TYPES, rope_types
 from ..streaming.cache import SinkCache, rotate_keys
 from ..streaming.patch import streaming_forward
 
@@ -147,8 +147,9 @@ def streaming_perplexity(
     the others are NaN in ``token_nll`` and left out of the means. ``warmup``: feed the first ``warmup``
     tokens ``warmup_chunk`` at a time (scored like the rest; the time per token of the first checkpoint at or
     after it includes them): for a cache that keeps every token (``DynamicCache``) chunks change nothing but the
-    speed, so the steps of interest (the last ones, with the longest context) are reached quickly; a SinkCache
-    would show a chunk other keys than single steps, and is refused.
+    speed, so the steps of interest (the last ones, with the longest context) are reached quickly. A SinkCache
+    takes of a warmup chunk what fits without evicting (which sees what single steps see) and the rest in steps
+    of ``chunk`` tokens, so warming it up to its capacity ``S + W`` changes nothing but the speed either.
     """
     model.eval()
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1).to(model.device)
@@ -157,9 +158,8 @@ def streaming_perplexity(
         raise ValueError(f"the stream needs at least 2 tokens, got {ids.shape[1]}")
     if score_every < 1 or (score_every > 1 and not recompute):
         raise ValueError(f"score_every must be 1, or >= 1 with recompute=True (a cache sees every token), got {score_every}")
-    if warmup and (recompute or cache is None or isinstance(cache, SinkCache)):
-        raise ValueError("warmup needs a cache that keeps every token (e.g. DynamicCache): a SinkCache step of several "
-                         "tokens sees other keys than single steps, and recompute has no cache")
+    if warmup and recompute:
+        raise ValueError("warmup needs a cache: recompute has none")
     if checkpoints is None:
         checkpoints = sorted({max(1, round(total * (i + 1) / num_checkpoints)) for i in range(num_checkpoints)})
     bad = [c for c in checkpoints if not score_every <= c <= total]
@@ -222,9 +222,6 @@ def streaming_perplexity(
 
 # rope types whose frequencies depend on the sequence length: the parallel pass sees positions up to N - 1 where the
 # stream never goes past S + W - 1, so they would not match
-_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
-
-
 def parallel_streaming_check(model: nn.Module) -> None:
     """Raise ``ValueError`` saying why :func:`streaming_nll` cannot reproduce the stream of ``model``.
 
@@ -245,10 +242,8 @@ def parallel_streaming_check(model: nn.Module) -> None:
     rotaries = family.rotary_embeddings(model)
     if len(rotaries) != 1 or not hasattr(next(iter(rotaries.values())), "inv_freq"):
         raise ValueError(f"{kind}: streaming_nll needs one rotary embedding with inv_freq, found {len(rotaries)}")
-    params = getattr(config, "rope_parameters", None) or {}
-    nested = nested_types(config)
-    types = {p.get("rope_type", "default") for p in ([params[t] for t in nested if params[t]] if nested else [params])}
-    if types & set(_LENGTH_DEPENDENT_ROPE):
+    types = rope_types(config)
+    if types & set(LENGTH_DEPENDENT_TYPES):
         raise ValueError(f"{kind}: rope type {sorted(types)} changes its frequencies with the length; "
                          "stream it with streaming_perplexity instead")
     windows = {w for w in native_windows(model) if w is not None}

@@ -62,6 +62,17 @@ def nested_types(config) -> list[str]:
     return [key for key in params if isinstance(params[key], dict) or params[key] is None] if params else []
 
 
+# Rope types whose frequencies transformers changes with the sequence length at run time.
+LENGTH_DEPENDENT_TYPES = ("dynamic", "longrope")
+
+
+def rope_types(config) -> set[str]:
+    """The rope types of ``config``: one per layer type of a nested ``rope_parameters``, "default" when unset."""
+    params = getattr(config, "rope_parameters", None) or {}
+    nested = nested_types(config)
+    return {p.get("rope_type", "default") for p in ([params[t] for t in nested if params[t]] if nested else [params])}
+
+
 def scaled_types(model: nn.Module, section: RopeSpec) -> list[str] | None:
     """The layer types whose rotation the section scales, or None for a flat (one-rotation) config."""
     config = text_config(model)
