@@ -9,7 +9,7 @@ The checkpoint (Llama architecture, 135M parameters, 8192 trained positions) com
    dequantized to float32 and converted once into (1), written to a temporary folder and renamed.
 
 The text is the Python documentation's topic help (``pydoc_data.topics``): English prose and
-examples, about 110k tokens. Three sections, each a table:
+examples, about 110k tokens. Four sections, each a table:
 
 - **streaming**: one stream of ``stream_tokens`` tokens through a cache of ``cache_tokens``: dense
   (every token kept; the stream stays within the trained length), attention sinks + window
@@ -18,13 +18,15 @@ examples, about 110k tokens. Three sections, each a table:
   forward pass per method (the model itself for dense, :func:`~hf_longctx.evaluation.streaming_nll`
   for the caches); time and memory come from really streaming: the caches filled in chunks (which
   evict nothing) and then ``timed_steps`` tokens one by one, dense in chunks and then its last
-  ``timed_steps`` tokens one by one. Those real streams score their tokens too, and the demo stops if they
-  differ from the one-pass losses (``max |dNLL|`` column);
+  ``timed_steps`` tokens one by one. Those real streams score their tokens too, and the demo
+  stops if they differ from the one-pass losses (``max |dNLL|`` column);
 - **passkey** inside the trained length: the plain model, and the model patched with
   ``attention: {sliding_window, sink_tokens}`` of the same size as the cache (it forgets what
   left the window);
 - **rope** (``long=True``): at 1x and 2x the trained length, the perplexity of the same final
-  tokens and passkey retrieval at 2x, for no scaling and each RoPE scaling with factor 2;
+  tokens and passkey retrieval at 2x, for no scaling and each RoPE scaling with factor 2 (the
+  depths of a key share the KV cache of their common prefix where that is exact and pays:
+  ``passkey_accuracy(share_prefix=None)``);
 - **spread** (``long=True``): the streaming perplexities (dense, sinks, window; one pass each) on
   ``spread_streams`` streams of ``stream_tokens`` tokens spread evenly over the whole text, to show
   how much the first stream's ratios depend on where the stream starts.

@@ -220,8 +220,6 @@ def streaming_perplexity(
     return result
 
 
-# rope types whose frequencies depend on the sequence length: the parallel pass sees positions up to N - 1 where the
-# stream never goes past S + W - 1, so they would not match
 def parallel_streaming_check(model: nn.Module) -> None:
     """Raise ``ValueError`` saying why :func:`streaming_nll` cannot reproduce the stream of ``model``.
 
@@ -243,6 +241,7 @@ def parallel_streaming_check(model: nn.Module) -> None:
     if len(rotaries) != 1 or not hasattr(next(iter(rotaries.values())), "inv_freq"):
         raise ValueError(f"{kind}: streaming_nll needs one rotary embedding with inv_freq, found {len(rotaries)}")
     types = rope_types(config)
+    # the one pass reaches position N - 1 where the stream never goes past S + W - 1: such frequencies would differ
     if types & set(LENGTH_DEPENDENT_TYPES):
         raise ValueError(f"{kind}: rope type {sorted(types)} changes its frequencies with the length; "
                          "stream it with streaming_perplexity instead")
