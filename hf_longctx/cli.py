@@ -254,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="hf_longctx_demo", help="folder for results.json and the plots (default: %(default)s)")
     demo.add_argument("--tier", default="all", choices=("all", "tiny", "real"), help="which tier(s) to run (default: %(default)s)")
-    demo.add_argument("--long", action="store_true", help="real tier: add the RoPE section at 8k and 16k tokens (tens of minutes on a CPU)")
+    demo.add_argument(
+        "--long", action="store_true",
+        help="real tier: add the RoPE section at 8k and 16k tokens and the spread section (about an hour on 2 CPU cores)",
+    )  # fmt: skip
     demo.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # seconds-long run for the tests
     demo.set_defaults(run=cmd_demo)
 
