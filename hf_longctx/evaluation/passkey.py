@@ -37,7 +37,7 @@ from transformers import DynamicCache
 
 from .. import compat
 from ..patching import applied_sections
-from ..positions.rope import LENGTH_DEPENDENT_TYPES, rope_types
+from .streaming import length_or_window_obstacle
 
 logger = logging.getLogger(__name__)
 
@@ -129,22 +129,15 @@ def greedy_continuation(
 
 def prefix_sharing_check(model: nn.Module) -> None:
     """Raise ``ValueError`` saying why prompts cannot share a cropped KV cache on ``model`` (see the module)."""
-    from ..attention.backend import native_windows  # the attention technique stays out of the evaluation's imports
-
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     if not (hasattr(model, "generate") and getattr(model, "generation_config", None) is not None):
         raise ValueError(f"{kind}: sharing a prefix needs a transformers model (generate and its cache)")
     other = sorted(set(applied_sections(model)) - {"rope"})
     if other:
         raise ValueError(f"{kind}: patched with {other}, whose caches or attention a cropped DynamicCache would not keep")
-    types = rope_types(model.config.get_text_config(decoder=True))
-    if types & set(LENGTH_DEPENDENT_TYPES):
-        raise ValueError(f"{kind}: rope type {sorted(types)} changes its frequencies with the length, so the keys of "
-                         "a prefix depend on the whole prompt")
-    windows = {w for w in native_windows(model) if w is not None}
-    if windows:
-        raise ValueError(f"{kind}: layers with a native sliding window ({sorted(windows)}) keep a cache that cannot "
-                         "be cropped back")
+    obstacle = length_or_window_obstacle(model)
+    if obstacle:
+        raise ValueError(f"{kind}: {obstacle}; its prompts cannot share a cropped cache")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -227,9 +227,6 @@ def parallel_streaming_check(model: nn.Module) -> None:
     attention in every layer (no native sliding window, no softcap or sink logits: the attention function
     raises for those at run time), no hf_longctx attention or ALiBi patch.
     """
-    from ..attention.backend import native_windows  # the attention technique stays out of the evaluation's imports
-
-    config = model.config.get_text_config(decoder=True)
     kind = model.config.model_type
     if str(model.config._attn_implementation).startswith("hf_longctx") or any(
         module_alibi_slopes(m) is not None for m in model.modules()
@@ -240,15 +237,29 @@ def parallel_streaming_check(model: nn.Module) -> None:
     rotaries = family.rotary_embeddings(model)
     if len(rotaries) != 1 or not hasattr(next(iter(rotaries.values())), "inv_freq"):
         raise ValueError(f"{kind}: streaming_nll needs one rotary embedding with inv_freq, found {len(rotaries)}")
-    types = rope_types(config)
-    # the one pass reaches position N - 1 where the stream never goes past S + W - 1: such frequencies would differ
+    # the one pass reaches position N - 1 where the stream never goes past S + W - 1: length-dependent frequencies
+    # would differ; a native window stays the layer's own in a SinkCache
+    obstacle = length_or_window_obstacle(model)
+    if obstacle:
+        raise ValueError(f"{kind}: {obstacle}; stream it with streaming_perplexity instead")
+
+
+def length_or_window_obstacle(model: nn.Module) -> str | None:
+    """What keeps a model's keys from being reused across lengths or caches, or None.
+
+    A RoPE whose frequencies follow the sequence length (dynamic NTK, LongRoPE) gives a token other keys in a
+    longer or shorter pass; native sliding-window layers keep their own window in the cache. Both
+    :func:`parallel_streaming_check` and the passkey's prefix sharing refuse such models with this reason.
+    """
+    from ..attention.backend import native_windows  # the attention technique stays out of the evaluation's imports
+
+    types = rope_types(model.config.get_text_config(decoder=True))
     if types & set(LENGTH_DEPENDENT_TYPES):
-        raise ValueError(f"{kind}: rope type {sorted(types)} changes its frequencies with the length; "
-                         "stream it with streaming_perplexity instead")
+        return f"rope type {sorted(types)} changes its frequencies with the length"
     windows = {w for w in native_windows(model) if w is not None}
     if windows:
-        raise ValueError(f"{kind}: layers with a native sliding window ({sorted(windows)}) keep their own window in a "
-                         "SinkCache; stream it with streaming_perplexity instead")
+        return f"layers with a native sliding window ({sorted(windows)}) keep their own window in the cache"
+    return None
 
 
 def _streaming_attention(rotary: nn.Module, sink_tokens: int, window: int, block: int):
