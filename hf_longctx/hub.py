@@ -171,6 +171,7 @@ def model_card(
     """A README.md for the Hub: base model, each applied patch with its parameters, context length."""
     target = base_model(model)
     config = target.config
+    text = config.get_text_config(decoder=True)
     base = base_model_name or getattr(config, "_name_or_path", None) or "unknown"
     sections = applied_sections(model)
     lines = [
@@ -183,10 +184,10 @@ def model_card(
     if base and base != "unknown" and not Path(base).exists():
         lines.append(f"base_model: {base}")
     lines += ["---", "", f"# {type(target).__name__} patched with hf_longctx", ""]
-    lines += [f"- **Base model:** `{base}`", f"- **Context length (max_position_embeddings):** {config.max_position_embeddings}"]
+    lines += [f"- **Base model:** `{base}`", f"- **Context length (max_position_embeddings):** {text.max_position_embeddings}"]
     for name, params in sections.items():
         card = technique(name).card
-        lines += card(params) if card is not None else []
+        lines += card(params, target) if card is not None else []
     lines += ["", "## Applied patches", ""]
     if not sections:
         lines.append("None.")
@@ -202,9 +203,10 @@ def model_card(
         f"model = hf_longctx.from_pretrained({json.dumps(repo_id or 'path/to/model')})",
         "```",
         "",
-        "Scaled RoPE (linear, NTK, dynamic, YaRN, Llama 3, LongRoPE) and native sliding windows are stored in "
-        "`config.json` in transformers' own form, so plain `AutoModelForCausalLM.from_pretrained` loads them too; "
-        "other patches are re-applied by `hf_longctx.from_pretrained`.",
+        "Scaled RoPE (linear, NTK, dynamic, YaRN, Llama 3, LongRoPE, and a scaling stacked on a shipped one where "
+        "a transformers rope type expresses it) and native sliding windows are stored in `config.json` in "
+        "transformers' own form, so plain `AutoModelForCausalLM.from_pretrained` loads them too; other patches "
+        "are re-applied by `hf_longctx.from_pretrained`.",
     ]
     if evaluation:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]

@@ -95,8 +95,8 @@ class Technique:
     # Optional native config: the config values that express this section in transformers' own
     # form (written only into the saved config.json), or None when there is none.
     native_config: Callable[[nn.Module, dict[str, Any]], dict[str, Any] | None] | None = None
-    # Optional model-card lines describing the applied section (its parameters as recorded).
-    card: Callable[[dict[str, Any]], list[str]] | None = None
+    # Optional model-card lines describing the applied section: card(recorded parameters, patched model).
+    card: Callable[[dict[str, Any], nn.Module], list[str]] | None = None
 
 
 _TECHNIQUES: dict[str, Technique] = {}

@@ -84,6 +84,9 @@ def native_twin(model, model_type, rope_type, factor):
     params, max_positions = native_rope(model_type, rope_type, factor)
     config = tiny_config(model_type, initializer_range=INIT)
     config.rope_parameters, config.max_position_embeddings = params, max_positions
+    if "original_max_position_embeddings" in config.__dict__ and "original_max_position_embeddings" in params:
+        # Phi-3 keeps the pre-extension length beside rope_parameters too, and that value wins
+        config.original_max_position_embeddings = params["original_max_position_embeddings"]
     twin = AutoModelForCausalLM.from_config(config).eval()
     twin.load_state_dict(model.state_dict())
     return twin

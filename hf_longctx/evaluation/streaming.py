@@ -42,7 +42,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from .. import compat
 from ..families import get_family
 from ..positions import module_alibi_slopes
-from ..positions.rope import LENGTH_DEPENDENT_TYPES, rope_types
+from ..positions.rope import length_dependent, rope_types
 from ..streaming.cache import SinkCache, rotate_keys
 from ..streaming.patch import streaming_forward
 
@@ -253,8 +253,8 @@ def length_or_window_obstacle(model: nn.Module) -> str | None:
     """
     from ..attention.backend import native_windows  # the attention technique stays out of the evaluation's imports
 
-    types = rope_types(model.config.get_text_config(decoder=True))
-    if types & set(LENGTH_DEPENDENT_TYPES):
+    if length_dependent(model):
+        types = rope_types(model.config.get_text_config(decoder=True))
         return f"rope type {sorted(types)} changes its frequencies with the length"
     windows = {w for w in native_windows(model) if w is not None}
     if windows:

@@ -428,7 +428,7 @@ def _apply(model: nn.Module, section: MemorySpec, spec) -> Applied:
     return Applied(undo=lambda: None, model=RecurrentMemoryModel(model, section))
 
 
-def _card(params: dict) -> list[str]:
+def _card(params: dict, model=None) -> list[str]:
     segment_length = MemorySpec.from_dict(params).segment_length
     return [f"- **Input length:** unbounded: segments of {segment_length} tokens linked by recurrent memory tokens"]
 

@@ -22,7 +22,8 @@ TYPE_KEYS = {
 
 @dataclass
 class RopeSpec(SectionSpec):
-    """RoPE scaling. Give ``factor`` or ``target_context`` (factor = target_context / trained length)."""
+    """RoPE scaling. Give ``factor`` or ``target_context`` (factor = target_context / the length it scales from:
+    the current context, or the original one with ``mode: replace``)."""
 
     section = "rope"
     conflicts = {"alibi": "ALiBi replaces the rotary embedding"}
@@ -36,7 +37,8 @@ class RopeSpec(SectionSpec):
         None, help="Context length to reach; the factor is derived from the model's trained length."
     )
     original_max_position_embeddings: int | None = spec_field(
-        None, help="Trained context length; defaults to the model config's max_position_embeddings."
+        None, help="Length the factor scales from; defaults to the model's current context (max_position_embeddings), "
+        "or with mode: replace to its original_max_position_embeddings."
     )
     beta_fast: float | None = spec_field(None, help="yarn: extrapolation boundary of the ramp (default 32).")
     beta_slow: float | None = spec_field(None, help="yarn: interpolation boundary of the ramp (default 1).")
@@ -48,6 +50,11 @@ class RopeSpec(SectionSpec):
     high_freq_factor: float = spec_field(4.0, help="llama3: high-frequency factor.")
     short_factor: list[float] | None = spec_field(None, help="longrope: per-frequency factors below the trained length.")
     long_factor: list[float] | None = spec_field(None, help="longrope: per-frequency factors beyond the trained length.")
+    mode: Literal["stack", "replace"] = spec_field(
+        "stack", help="On a model whose rope is already scaled: 'stack' scales the current frequencies relative to "
+        "the current context (max_position_embeddings); 'replace' discards the shipped scaling and scales the "
+        "unscaled frequencies relative to original_max_position_embeddings.",
+    )
     layer_types: list[str] | None = spec_field(
         None, help="Models with one rotation per layer type (Gemma 3): the types to scale (default: full_attention)."
     )

@@ -14,10 +14,19 @@ is read off the module's ``inv_freq``). Rotary modules that carry their own copy
 (Granite SWA: one per theta) are rebuilt as the model builds them: from the scaled config with
 their own theta.
 
-The trained length is ``rope.original_max_position_embeddings`` or else the config's
-``max_position_embeddings``. After the patch ``max_position_embeddings`` is the extended
-length, except for ``dynamic``, whose transformers implementation reads the trained length
-from ``max_position_embeddings`` and scales at run time.
+The section scales relative to a base length: ``rope.original_max_position_embeddings`` if
+given, else the model's current context ``max_position_embeddings`` (``mode: stack``, the
+default), or its pre-extension length ``original_max_position_embeddings`` (``mode: replace``).
+``target_context`` means factor = target / base length. After the patch ``max_position_embeddings``
+is the extended length, except for ``dynamic``, whose transformers implementation reads the trained
+length from ``max_position_embeddings`` and scales at run time.
+
+A rope that is already scaled (Llama 3.x ``llama3``, Gemma 3's ``linear`` global layers, gpt-oss
+``yarn``, Phi-3.5 ``longrope``) is stacked on in ``mode: stack``: the section divides the
+frequencies the model uses now, per frequency, as :mod:`hf_longctx.positions.stacking` defines
+(native form: a ``longrope`` with explicit factors and attention factor, or in memory where no
+rope type expresses the result). ``mode: replace`` throws the shipped scaling away and scales the
+unscaled frequencies from the original length.
 
 Native export: the saved config.json holds the scaled ``rope_parameters`` whenever the model's
 config class reads them back unchanged (plain transformers then loads the scaled model); a config
@@ -30,6 +39,7 @@ from __future__ import annotations
 import copy
 import warnings
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,15 +49,45 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RotaryEmbeddin
 from ..config_base import SpecError
 from ..families import get_family, text_config
 from ..patching import Applied, Technique, register_technique
+from . import stacking
 from .config import RopeSpec
 
 # model -> the text config's values before the patch: what a non-native save writes instead.
 _ORIGINAL: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+# models whose stacked rotation lives in memory only (no rope type of transformers expresses it)
+_IN_MEMORY: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 _ROPE_KEYS = ("rope_parameters", "max_position_embeddings")
+# Phi-3 style configs keep the pre-extension length beside rope_parameters too (it wins on load)
+_OPTIONAL_KEYS = ("original_max_position_embeddings",)
+
+
+def _keys(config) -> tuple[str, ...]:
+    return _ROPE_KEYS + tuple(k for k in _OPTIONAL_KEYS if k in config.__dict__)
+
+
+def original_length(config, params: dict | None = None) -> int:
+    """The pre-extension context: ``original_max_position_embeddings`` of the rope (or the config), else
+    ``max_position_embeddings``."""
+    params = params if params is not None else (getattr(config, "rope_parameters", None) or {})
+    return (params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+            or config.max_position_embeddings)
+
+
+def _flat_or_scaled(config, section: RopeSpec) -> list[dict]:
+    nested = nested_types(config)
+    params = config.rope_parameters
+    if not nested:
+        return [params]
+    return [params[t] for t in (section.layer_types or ["full_attention"]) if t in params and params[t]]
 
 
 def trained_length(config, section: RopeSpec) -> int:
-    return section.original_max_position_embeddings or config.max_position_embeddings
+    """The length the section scales relative to (see the module docstring)."""
+    if section.original_max_position_embeddings:
+        return section.original_max_position_embeddings
+    if section.mode == "replace":
+        return max(original_length(config, p) for p in _flat_or_scaled(config, section))
+    return config.max_position_embeddings
 
 
 def scale_factor(config, section: RopeSpec) -> float:
@@ -71,6 +111,21 @@ def rope_types(config) -> set[str]:
     params = getattr(config, "rope_parameters", None) or {}
     nested = nested_types(config)
     return {p.get("rope_type", "default") for p in ([params[t] for t in nested if params[t]] if nested else [params])}
+
+
+def length_dependent(model: nn.Module) -> bool:
+    """Whether the model's rotary frequencies change with the sequence length (dynamic NTK, a LongRoPE whose
+    two lists differ, a dynamic section stacked on a scaled rope)."""
+    if _IN_MEMORY.get(model) == "dynamic":
+        return True
+    config = text_config(model)
+    params = getattr(config, "rope_parameters", None) or {}
+    nested = nested_types(config)
+    for p in ([params[t] for t in nested if params[t]] if nested else [params]):
+        kind = p.get("rope_type", "default")
+        if "dynamic" in kind or (kind == "longrope" and p.get("short_factor") != p.get("long_factor")):
+            return True
+    return False
 
 
 def scaled_types(model: nn.Module, section: RopeSpec) -> list[str] | None:
@@ -105,7 +160,7 @@ def rotary_dims(model: nn.Module) -> dict[str | None, int]:
 
 
 def _scaled_params(original: dict[str, Any], section: RopeSpec, trained: int, factor: float, dim: int) -> dict:
-    """One ``rope_parameters`` dict (flat, or one layer type's) scaled by ``section``."""
+    """One ``rope_parameters`` dict (flat, or one layer type's) of an unscaled rope scaled by ``section``."""
     params = {k: v for k, v in original.items() if k in ("rope_theta", "partial_rotary_factor")}
     if section.type == "ntk":
         params.update(rope_type="default", rope_theta=original["rope_theta"] * factor ** (dim / (dim - 2)))
@@ -118,27 +173,128 @@ def _scaled_params(original: dict[str, Any], section: RopeSpec, trained: int, fa
         params.update(low_freq_factor=section.low_freq_factor, high_freq_factor=section.high_freq_factor)
     else:
         extra = section.to_dict()
-        for key in ("type", "factor", "target_context", "original_max_position_embeddings", "layer_types"):
+        for key in ("type", "factor", "target_context", "original_max_position_embeddings", "layer_types", "mode"):
             extra.pop(key, None)
         params.update(extra)
     return params
 
 
-def scaled_rope_config(model: nn.Module, section: RopeSpec) -> dict[str, Any]:
-    """The text config's attributes (``rope_parameters``, ``max_position_embeddings``) after scaling."""
+@dataclass
+class Plan:
+    """What a rope section does to one model: the text config's new values, and for the layer types whose
+    result no rope type expresses, the frequencies the rebuilt rotary modules get in memory."""
+
+    values: dict[str, Any]
+    in_memory: dict[str | None, stacking.Frequencies] = field(default_factory=dict)
+    dynamic: dict[str | None, tuple[torch.Tensor, int, float]] = field(default_factory=dict)  # base, context, factor
+    stacked: list[str] = field(default_factory=list)  # "<layer type>: <shipped type>" stacked on
+
+    @property
+    def kind(self) -> str | None:
+        return "dynamic" if self.dynamic else ("static" if self.in_memory else None)
+
+
+def _rope_kwargs(layer_type: str | None) -> dict:
+    return {} if layer_type is None else {"layer_type": layer_type}
+
+
+def _native_stacked(model, config, params: dict, layer_type: str | None, section: RopeSpec,
+                    result: stacking.Frequencies, context: int, factor: float, dim: int) -> dict | None:
+    """The rope_parameters of a transformers rope type that rotates by ``result``, or None: each candidate
+    is computed with transformers' own rope function and kept only if it reproduces ``result``."""
+    allowed = get_family(model).rope_types
+    candidates = []
+    shipped = params.get("rope_type", "default")
+    if section.type == "linear" and shipped in ("linear", "proportional") and result.long is None:
+        candidates.append({**params, "factor": params.get("factor", 1.0) * factor})
+    if "partial_rotary_factor" not in params or shipped != "proportional":
+        candidates.append(stacking.longrope_params(params, result, dim, context, int(round(context * factor))))
+    for candidate in candidates:
+        if allowed is not None and candidate["rope_type"] not in allowed:
+            continue
+        probe = copy.deepcopy(config)
+        if layer_type is None:
+            probe.rope_parameters = candidate
+        else:
+            probe.rope_parameters = {**probe.rope_parameters, layer_type: candidate}
+        probe.max_position_embeddings = int(round(context * factor))
+        if "original_max_position_embeddings" in probe.__dict__ and layer_type is None:
+            probe.original_max_position_embeddings = candidate.get("original_max_position_embeddings",
+                                                                   probe.original_max_position_embeddings)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                function = ROPE_INIT_FUNCTIONS[candidate["rope_type"]]
+                short, attention = function(probe, None, **_rope_kwargs(layer_type))
+                ok = stacking.same_rotation(short, result.short) and abs(attention - result.attention) <= 1e-9
+                if ok and result.long is not None:
+                    long, _ = function(probe, None, seq_len=result.switch + 1, **_rope_kwargs(layer_type))
+                    ok = stacking.same_rotation(long, result.long)
+        except Exception:  # noqa: BLE001  a candidate transformers cannot compute is not a native form
+            continue
+        if ok:
+            return candidate
+    return None
+
+
+def _plan(model: nn.Module, section: RopeSpec) -> Plan:
+    """The config values (and in-memory frequencies) of ``section`` on this model; SpecError if not exact."""
     config = text_config(model)
     trained = trained_length(config, section)
     factor = scale_factor(config, section)
     dims = rotary_dims(model)
     types = scaled_types(model, section)
-    if types is None:
-        params = _scaled_params(dict(config.rope_parameters), section, trained, factor, dims[None])
-    else:
-        params = copy.deepcopy(dict(config.rope_parameters))
-        for layer_type in types:
-            params[layer_type] = _scaled_params(params[layer_type], section, trained, factor, dims[layer_type])
-    max_positions = trained if section.type == "dynamic" else int(round(trained * factor))
-    return {"rope_parameters": params, "max_position_embeddings": max_positions}
+    rotaries = get_family(model).rotary_embeddings(model)
+    rotary = next(iter(rotaries.values()))
+    new_context = trained if section.type == "dynamic" else int(round(trained * factor))
+    plan = Plan(values={"rope_parameters": copy.deepcopy(dict(config.rope_parameters)),
+                        "max_position_embeddings": new_context})
+    for layer_type in types or [None]:
+        params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
+        shipped = params.get("rope_type", "default")
+        if section.mode == "replace" or shipped == "default":
+            scaled = _scaled_params(params, section, trained, factor, dims[layer_type])
+        else:
+            scaled = _stacked_params(model, config, rotary, params, layer_type, section, plan, trained, factor,
+                                     dims[layer_type])
+            plan.stacked.append(f"{layer_type or 'all layers'}: {shipped}")
+            if len({id(getattr(m, 'config', config)) for m in rotaries.values()}) > 1:
+                raise SpecError("stacking on a scaled rope is not supported on models whose rotary embeddings carry "
+                                "configs of their own (one per theta); use mode: replace")
+        if layer_type is None:
+            plan.values["rope_parameters"] = scaled
+        else:
+            plan.values["rope_parameters"][layer_type] = scaled
+    switch = plan.values["rope_parameters"].get("original_max_position_embeddings") if types is None else None
+    if "original_max_position_embeddings" in config.__dict__ and switch is not None and not plan.kind:
+        plan.values["original_max_position_embeddings"] = switch  # Phi-3: the top-level value wins on load
+    return plan
+
+
+def _stacked_params(model, config, rotary, params, layer_type, section, plan: Plan, context, factor, dim) -> dict:
+    """rope_parameters of one layer type after stacking ``section`` on its shipped scaling (the shipped ones
+    where the result is held in memory, recorded on ``plan``)."""
+    current = stacking.current_frequencies(rotary, config, params, layer_type)
+    if section.type == "dynamic":
+        if current.long is not None:
+            raise SpecError("rope type 'dynamic' cannot be stacked on a longrope rope: both change the frequencies "
+                            "with the length at different points; use mode: replace")
+        plan.dynamic[layer_type] = (current.short, context, factor)
+        return params
+    result = stacking.stacked(section, current, context, factor)
+    native = _native_stacked(model, config, params, layer_type, section, result, context, factor, dim)
+    if native is not None:
+        return native
+    if result.long is not None:
+        raise SpecError(f"rope type '{section.type}' stacked on this model's {params.get('rope_type')} rope switches "
+                        "frequencies at a length that no rope type of this model's family expresses; use mode: replace")
+    plan.in_memory[layer_type] = result
+    return params
+
+
+def scaled_rope_config(model: nn.Module, section: RopeSpec) -> dict[str, Any]:
+    """The text config's attributes (``rope_parameters``, ``max_position_embeddings``) after scaling."""
+    return _plan(model, section).values
 
 
 def require_rotary(model: nn.Module) -> None:
@@ -198,24 +354,75 @@ def _run_once(rotary: nn.Module, device) -> None:
         rotary(x, positions) if kind is None else rotary(x, positions, layer_type=kind)
 
 
+# ---------------------------------------------------------------- stacked rotations held in memory
+
+
+def _set_frequencies(rotary: nn.Module, layer_type: str | None, inv_freq: torch.Tensor,
+                     attention: float | None = None) -> None:
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    for name in (f"{prefix}inv_freq", f"{prefix}original_inv_freq"):
+        buffer = getattr(rotary, name, None)
+        if isinstance(buffer, torch.Tensor):
+            buffer.copy_(inv_freq.to(buffer.dtype))
+    if attention is not None:
+        setattr(rotary, f"{prefix}attention_scaling", attention)
+
+
+class _DynamicStacked:
+    """Mixin of a rotary class: dynamic NTK on top of the shipped frequencies, with transformers' caching rule
+    (frequencies of the longest sequence seen; back to the base ones below the context)."""
+
+    _hf_longctx_dynamic: dict
+
+    @torch.no_grad()
+    def forward(self, x, position_ids, *args, **kwargs):
+        layer_type = kwargs.get("layer_type", args[0] if args else None)
+        state = self._hf_longctx_dynamic.get(layer_type)
+        if state is not None:
+            length = int(position_ids.max()) + 1
+            base, context, factor = state["base"], state["context"], state["factor"]
+            if length > state["cached"]:
+                _set_frequencies(self, layer_type, base / stacking.dynamic_divisors(base, context, factor, length))
+                state["cached"] = length
+            elif length < context < state["cached"]:
+                _set_frequencies(self, layer_type, base)
+                state["cached"] = context
+        return super().forward(x, position_ids, *args, **kwargs)
+
+
+_DYNAMIC_CLASSES: dict[type, type] = {}
+
+
+def _dynamic_class(cls: type) -> type:
+    if cls not in _DYNAMIC_CLASSES:  # same name: the module is found and reported as the family's rotary
+        _DYNAMIC_CLASSES[cls] = type(cls.__name__, (_DynamicStacked, cls), {"__module__": cls.__module__})
+    return _DYNAMIC_CLASSES[cls]
+
+
+def _hold_in_memory(fresh: dict[str, nn.Module], plan: Plan) -> None:
+    for module in fresh.values():
+        for layer_type, result in plan.in_memory.items():
+            _set_frequencies(module, layer_type, result.short, result.attention)
+        if plan.dynamic:
+            module.__class__ = _dynamic_class(type(module))
+            module._hf_longctx_dynamic = {
+                layer_type: {"base": base, "context": context, "factor": factor, "cached": context}
+                for layer_type, (base, context, factor) in plan.dynamic.items()}
+
+
+# ---------------------------------------------------------------- the technique
+
+
 def _check(model: nn.Module, section: RopeSpec, spec) -> None:
     require_rotary(model)
-    if model.config.get_text_config(decoder=True) is not model.config:
-        raise SpecError(f"rope on '{model.config.model_type}' is not supported: its text model's config is a "
-                        "sub-config of a multimodal one, whose rotary scaling is not checked")
     family = get_family(model)
     config = text_config(model)
-    types = scaled_types(model, section)
-    originals = [config.rope_parameters] if types is None else [config.rope_parameters[t] for t in types]
-    for params in originals:
-        if params.get("rope_type", "default") != "default":
-            raise SpecError(f"the model already uses rope_type '{params['rope_type']}'; "
-                            "hf_longctx scales models whose rope_type is 'default'")
     if family.rope_types is not None and section.type not in family.rope_types:
         raise SpecError(f"rope type '{section.type}' is not supported for model_type '{family.model_type}'; "
                         f"supported: {', '.join(family.rope_types)}")
     if section.type != "ntk" and section.type not in ROPE_INIT_FUNCTIONS:
         raise SpecError(f"rope type '{section.type}' is not provided by this transformers version")
+    types = scaled_types(model, section)
     dims = rotary_dims(model)
     if section.type == "longrope":
         for layer_type in types or [None]:
@@ -227,7 +434,7 @@ def _check(model: nn.Module, section: RopeSpec, spec) -> None:
     # transformers' own validation of the rope types (not a config class's narrower override, such as
     # Phi-3's default/longrope only: those types run in memory and are re-applied on load), on a copy.
     probe = copy.deepcopy(config)
-    for key, value in scaled_rope_config(model, section).items():
+    for key, value in _plan(model, section).values.items():
         setattr(probe, key, value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -245,10 +452,12 @@ def _set_config(config, values: dict[str, Any]) -> None:
 def _apply(model: nn.Module, section: RopeSpec, spec) -> Applied:
     family = get_family(model)
     config = text_config(model)
-    before = {key: copy.deepcopy(getattr(config, key)) for key in _ROPE_KEYS}
-    _set_config(config, scaled_rope_config(model, section))
+    plan = _plan(model, section)
+    before = {key: copy.deepcopy(getattr(config, key)) for key in _keys(config)}
+    _set_config(config, plan.values)
     try:
         fresh = _rebuilt(model, section)
+        _hold_in_memory(fresh, plan)
     except BaseException:
         _set_config(config, before)
         raise
@@ -256,6 +465,8 @@ def _apply(model: nn.Module, section: RopeSpec, spec) -> Applied:
     for path, module in fresh.items():
         family.set_rotary_embedding(model, module, path)
     _ORIGINAL[model] = before
+    if plan.kind:
+        _IN_MEMORY[model] = plan.kind
 
     def undo():
         # in place: attention modules and the rotary modules keep references to this config object
@@ -263,28 +474,51 @@ def _apply(model: nn.Module, section: RopeSpec, spec) -> Applied:
         for path, module in originals.items():
             family.set_rotary_embedding(model, module, path)
         _ORIGINAL.pop(model, None)
+        _IN_MEMORY.pop(model, None)
 
     return Applied(undo=undo)
 
 
 def round_trips(config) -> bool:
-    """True when the config class reads this config's rope values back unchanged (its native form)."""
+    """True when the config class reads this config's rope values back unchanged (its native form); for a
+    multimodal config, its text sub-config's values."""
+    text = config.get_text_config(decoder=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            reloaded = type(config).from_dict(config.to_dict())
+            reloaded = type(config).from_dict(config.to_dict()).get_text_config(decoder=True)
         except Exception:  # noqa: BLE001  a config class that refuses the values has no native form
             return False
-    return all(getattr(reloaded, key, None) == getattr(config, key) for key in _ROPE_KEYS)
+    return all(getattr(reloaded, key, None) == getattr(text, key) for key in _keys(text))
+
+
+def native(model: nn.Module) -> bool:
+    """Whether plain transformers reproduces the patched rope from the saved config."""
+    return model not in _IN_MEMORY and round_trips(model.config)
 
 
 def _native_config(model: nn.Module, params: dict) -> dict | None:
     """None when the scaled rope is native (the config is written as it is); else the original values,
     which ``from_pretrained`` loads before re-applying the patch."""
-    if model.config is not text_config(model) or round_trips(model.config):
+    if native(model):
         return None
-    return copy.deepcopy(_ORIGINAL[model])
+    text = text_config(model)
+    if model.config is text:
+        return copy.deepcopy(_ORIGINAL[model])
+    original = copy.deepcopy(text)
+    _set_config(original, copy.deepcopy(_ORIGINAL[model]))
+    key = next(k for k, v in model.config.__dict__.items() if v is text)
+    return {key: original}
+
+
+def _card(params: dict, model: nn.Module | None = None) -> list[str]:
+    if model is None or native(model):
+        return []
+    return ["- **RoPE:** the scaled rotation has no transformers rope type (a dynamic section stacked on a scaled "
+            "rope, or a per-frequency scaling of a rope type that has no per-frequency form): `config.json` keeps "
+            "the original rope, and `hf_longctx.from_pretrained` re-applies the section; plain "
+            "`AutoModelForCausalLM.from_pretrained` loads the unscaled model"]
 
 
 register_technique(Technique(section="rope", spec_class=RopeSpec, apply=_apply, check=_check, order=10,
-                             native_config=_native_config))
+                             native_config=_native_config, card=_card))

@@ -180,7 +180,7 @@ def _apply(model: nn.Module, section: StreamingSpec, spec) -> Applied:
     return Applied(wraps=(Wrap(model, "forward", wrap_forward), Wrap(model, "generate", wrap_generate)))
 
 
-def _card(params: dict) -> list[str]:
+def _card(params: dict, model=None) -> list[str]:
     return ["- **Input length:** unbounded stream; the KV cache keeps the attention sinks and a recent window"]
 
 
