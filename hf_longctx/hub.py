@@ -40,8 +40,12 @@ def _changed_config_values(model: nn.Module) -> dict[str, Any]:
         return {}
     keys = (set(before) | set(now)) - _VOLATILE_KEYS
     # a nested config (the text config of a multimodal model) is recorded as its dict
-    return {k: before[k].to_dict() if isinstance(before.get(k), PretrainedConfig) else before.get(k)
-            for k in sorted(keys) if before.get(k) != now.get(k)}
+    return {k: _plain(before.get(k)) for k in sorted(keys) if before.get(k) != now.get(k)}
+
+
+def _plain(value: Any) -> Any:
+    """A config value as config.json holds it (a nested config as its dict)."""
+    return value.to_dict() if isinstance(value, PretrainedConfig) else value
 
 
 def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
@@ -61,7 +65,7 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
         hook = technique(name).native_config
         native.update((hook(target, params) if hook is not None else None) or {})
     snapshot = config_before_patches(target) if native else {}
-    base_values = {**{k: snapshot.get(k) for k in native}, **_changed_config_values(target)}
+    base_values = {**{k: _plain(snapshot.get(k)) for k in native}, **_changed_config_values(target)}
     in_memory = {k: target.config.__dict__.get(k) for k in native}
     target.config.__dict__.update(native, hf_longctx_base=base_values)
     try:

@@ -155,3 +155,130 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# The rope of long-context checkpoints people load, as their config.json declares it, on tiny models
+# (head_dim 16: the LongRoPE lists have 8 values, 6 with Phi-4-mini's partial rotary, shaped like Phi-3.5's:
+# short factors near 1, long factors rising to about 60).
+_PHI_SHORT = [1.0, 1.01, 1.02, 1.02, 1.04, 1.05, 1.05, 1.06]
+_PHI_LONG = [1.08, 1.12, 1.5, 3.1, 8.4, 19.0, 38.0, 60.0]
+_LLAMA3 = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192,
+               rope_theta=500000.0)
+LONG_CONTEXT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-3.2 (llama3 x32)": ("llama", dict(rope_parameters=dict(_LLAMA3, factor=32.0), max_position_embeddings=131072)),
+    "llama-3.1 (llama3 x8)": ("llama", dict(rope_parameters=dict(_LLAMA3, factor=8.0), max_position_embeddings=131072)),
+    "gemma-3-4b (linear x8, global layers)": ("gemma3", dict(
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1_000_000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=10_000.0)},
+        max_position_embeddings=131072, sliding_window=8)),
+    "gpt-oss (yarn x32)": ("gpt_oss", dict(
+        rope_parameters=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                             original_max_position_embeddings=4096, rope_theta=150000.0),
+        max_position_embeddings=131072)),
+    "qwen2.5 (yarn x4)": ("qwen2", dict(
+        rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768, rope_theta=1e6),
+        max_position_embeddings=131072)),
+    "phi-3.5-mini (longrope)": ("phi3", dict(
+        rope_parameters=dict(rope_type="longrope", short_factor=_PHI_SHORT, long_factor=_PHI_LONG,
+                             original_max_position_embeddings=4096, rope_theta=10000.0),
+        max_position_embeddings=131072, original_max_position_embeddings=4096)),
+    "phi-4-mini (longrope, partial rotary 0.75)": ("phi3", dict(
+        rope_parameters=dict(rope_type="longrope", short_factor=_PHI_SHORT[:6], long_factor=_PHI_LONG[:6],
+                             original_max_position_embeddings=4096, rope_theta=10000.0, partial_rotary_factor=0.75),
+        partial_rotary_factor=0.75, max_position_embeddings=131072, original_max_position_embeddings=4096)),
+}
+
+
+def long_context_config(name: str, **overrides: Any):
+    """The tiny config of one of :data:`LONG_CONTEXT_CONFIGS` (real rope parameters, tiny widths)."""
+    import copy
+
+    model_type, values = LONG_CONTEXT_CONFIGS[name]
+    return tiny_config(model_type, **{**copy.deepcopy(values), **overrides})
+
+
+def long_context_model(name: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A random tiny model of one of :data:`LONG_CONTEXT_CONFIGS`, in eval mode."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(long_context_config(name, **overrides))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1 and torch.all(param == 0):
+                param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def _transformers_rotation(config, layer_type: str | None, length: int) -> tuple[list[float], float]:
+    """transformers' own frequencies and attention factor of the config's rope at ``length`` tokens."""
+    import math
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        return [params["rope_theta"] ** (-i / dim) for i in range(0, dim, 2)], 1.0
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    inv_freq, attention = ROPE_INIT_FUNCTIONS[kind](config, None, seq_len=length, **kwargs)
+    assert all(math.isfinite(v) for v in inv_freq.tolist())
+    return [float(v) for v in inv_freq.double()], float(attention)
+
+
+def reference_stacked_rotation(config, section: dict, length: int,
+                               layer_type: str | None = None) -> tuple[list[float], float]:
+    """The frequencies and attention factor that ``section`` stacked on ``config``'s shipped rope gives at a
+    sequence of ``length`` tokens, computed frequency by frequency from the rule in the docs (README, "RoPE on
+    checkpoints that are already scaled"), on transformers' own shipped frequencies: the tests' oracle."""
+    import math
+
+    params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
+    context = config.max_position_embeddings
+    factor = section.get("factor") or section["target_context"] / context
+    kind = section["type"]
+    switch = params.get("original_max_position_embeddings") if params.get("rope_type") == "longrope" else None
+    # the shipped rotation in the regime this length falls in after stacking (the switch moves by the factor)
+    shipped_length = length if switch is None or kind in ("dynamic", "longrope") else (
+        switch + 1 if length > switch * factor else 1)
+    current, attention = _transformers_rotation(config, layer_type, shipped_length)
+    at_context, _ = _transformers_rotation(config, layer_type, context)
+    n = sum(1 for w in current if w != 0)
+
+    def ntk(f):
+        return [w / f ** (2 * i / (2 * n - 2)) if w else 0.0 for i, w in enumerate(current)]
+
+    if kind == "linear":
+        return [w / factor for w in current], attention
+    if kind == "ntk":
+        return ntk(factor), attention
+    if kind == "dynamic":
+        return (ntk(factor * length / context - (factor - 1)) if length > context else current), attention
+    if kind == "yarn":
+        fast, slow = section.get("beta_fast", 32.0), section.get("beta_slow", 1.0)
+        out = []
+        for w, w_context in zip(current, at_context):
+            rotations = context * w_context / (2 * math.pi)
+            ramp = 0.0 if rotations <= 0 else min(1.0, max(0.0, (math.log(rotations) - math.log(slow))
+                                                         / (math.log(fast) - math.log(slow))))
+            out.append(w * (ramp + (1 - ramp) / factor) if w_context else w / factor)
+        return out, attention * (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    if kind == "llama3":
+        low, high = section.get("low_freq_factor", 1.0), section.get("high_freq_factor", 4.0)
+        out = []
+        for w, w_context in zip(current, at_context):
+            wavelength = 2 * math.pi / w_context if w_context else math.inf
+            if wavelength < context / high:
+                scale = 1.0
+            elif wavelength > context / low:
+                scale = 1 / factor
+            else:
+                smooth = (context / wavelength - low) / (high - low)
+                scale = (1 - smooth) / factor + smooth
+            out.append(w * scale)
+        return out, attention
+    if kind == "longrope":
+        lists = section["long_factor"] if length > context else section["short_factor"]
+        extra = section.get("attention_factor") or math.sqrt(1 + math.log(factor) / math.log(context))
+        return [w / s for w, s in zip(current, lists)], attention * extra
+    raise ValueError(kind)

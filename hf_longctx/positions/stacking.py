@@ -176,8 +176,25 @@ def current_frequencies(rotary: nn.Module, config, params: dict, layer_type: str
 
 
 def unscaled_powers(params: dict, dim: int) -> torch.Tensor:
-    """``theta ** (2i / d)`` as transformers' longrope computes it (float32), in float64."""
-    return (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)).double()
+    """``theta ** (2i / d)`` as transformers' longrope computes it (float32)."""
+    return params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+
+
+def exact_factors(frequencies: torch.Tensor, powers: torch.Tensor) -> list[float]:
+    """LongRoPE factors ``e`` for which transformers' ``1 / (e * powers)`` (float32) gives the float32 value of
+    each wanted frequency exactly where one does (a few float32 steps around ``1 / (f * p)``), else the nearest:
+    so a linear x2 on top rotates 2p by exactly the angle the shipped model gives p."""
+    wanted = frequencies.float()
+    start = (1.0 / (frequencies * powers.double())).float()
+    best, best_error = start.clone(), torch.full_like(wanted, float("inf"))
+    for direction in (float("inf"), float("-inf")):
+        candidate = start.clone()
+        for _ in range(8):
+            error = ((1.0 / (candidate * powers)) - wanted).abs()
+            better = error < best_error
+            best, best_error = torch.where(better, candidate, best), torch.where(better, error, best_error)
+            candidate = torch.nextafter(candidate, torch.full_like(candidate, direction))
+    return [float(x) for x in best]
 
 
 def longrope_params(params: dict, result: Frequencies, dim: int, context: int, new_context: int) -> dict:
@@ -188,8 +205,8 @@ def longrope_params(params: dict, result: Frequencies, dim: int, context: int, n
     out = {k: params[k] for k in ("rope_theta", "partial_rotary_factor") if k in params}
     out.update(
         rope_type="longrope",
-        short_factor=[float(x) for x in 1.0 / (result.short * powers)],
-        long_factor=[float(x) for x in 1.0 / (long * powers)],
+        short_factor=exact_factors(result.short, powers),
+        long_factor=exact_factors(long, powers),
         original_max_position_embeddings=switch,
         factor=new_context / switch,
         attention_factor=float(result.attention),
