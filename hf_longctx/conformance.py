@@ -112,10 +112,18 @@ def _one_line(err: BaseException) -> str:
 
 
 def matrix_config(model_type: str):
-    from .testing import tiny_config
-
+    """The matrix's tiny config of a model type, or of a real long-context rope (``LONG_CONTEXT_CONFIGS``:
+    its own rope parameters and context length, the matrix's other overrides)."""
     from transformers import CONFIG_MAPPING
 
+    from .testing import LONG_CONTEXT_CONFIGS, long_context_config, tiny_config
+
+    if model_type in LONG_CONTEXT_CONFIGS:
+        base, values = LONG_CONTEXT_CONFIGS[model_type]
+        defaults = CONFIG_MAPPING[base]().get_text_config(decoder=True).to_dict()
+        overrides = {k: v for k, v in MATRIX_OVERRIDES.items() if k in defaults and k not in values}
+        overrides.pop("max_position_embeddings", None)
+        return long_context_config(model_type, **overrides)
     defaults = CONFIG_MAPPING[model_type]().get_text_config(decoder=True).to_dict()
     overrides = {k: v for k, v in MATRIX_OVERRIDES.items() if k in defaults}
     return tiny_config(model_type, **overrides)
@@ -237,10 +245,80 @@ def _rope_type(model, rope_type: str, x, unpatched, unpatch_errors: list[str]) -
     return Cell("pass")
 
 
+STACKED_AT = 200_000  # the stacked rows' inputs: contiguous positions beyond the shipped 128k context
+
+
+def _stacked_rope_type(model, rope_type: str, unpatch_errors: list[str]) -> Cell:
+    """A rope type stacked on a shipped scaling: the rotary's frequencies and attention factor at several
+    lengths against the from-scratch reference of the rule; save -> plain transformers (native) or
+    ``hf_longctx.from_pretrained`` (in memory) gives the same logits; unpatch bit for bit."""
+    from . import from_pretrained, patch, save_pretrained, unpatch
+    from .families import get_family
+    from .positions.rope import native
+    from .testing import reference_stacked_rotation
+
+    text = model.config.get_text_config(decoder=True)
+    shipped = copy.deepcopy(text)
+    x = _tokens(LENGTH, text.vocab_size)
+    positions = STACKED_AT + torch.arange(LENGTH)[None]
+
+    def logits(m):
+        with torch.no_grad():
+            return m(x, position_ids=positions, attention_mask=torch.ones_like(x)).logits.float()
+
+    unpatched = logits(model)
+    snap = (_logits(model, x), model.config.to_dict(), {k: v.clone() for k, v in model.state_dict().items()})
+    spec = _rope_spec(model, rope_type)
+    layer_type = "full_attention" if "full_attention" in (text.rope_parameters or {}) else None
+    try:
+        patch(model, {"rope": spec})
+    except SpecError as err:
+        return Cell("refused", _one_line(err))
+    try:
+        rotary = get_family(model).rotary_embedding(model)
+        prefix = "" if layer_type is None else f"{layer_type}_"
+        for length in (LENGTH, 5_000, STACKED_AT, 2 * STACKED_AT, 5 * STACKED_AT):
+            with torch.no_grad():
+                rotary(torch.zeros(1, 1, 1), torch.tensor([[0, length - 1]]),
+                       **({} if layer_type is None else {"layer_type": layer_type}))
+            frequencies = getattr(rotary, f"{prefix}inv_freq").double()
+            expected, attention = reference_stacked_rotation(shipped, spec, length, layer_type)
+            error = ((frequencies - torch.tensor(expected, dtype=torch.float64)).abs()
+                     / torch.tensor(expected, dtype=torch.float64).abs().clamp(min=1e-30)).max().item()
+            _expect(error <= 2e-6, f"{rope_type}: frequencies at {length} tokens off the rule by {error:.1e}")
+            scale = float(getattr(rotary, f"{prefix}attention_scaling"))
+            _expect(abs(scale - attention) <= 1e-6 * attention, f"{rope_type}: attention factor {scale} != {attention}")
+        unpatch(model)  # afresh: a dynamic rope keeps the frequencies of the longest input it saw
+        patch(model, {"rope": spec})
+        ours = logits(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(model, tmp)
+            plain = logits(type(model).from_pretrained(tmp).eval())
+            ok, error = _close(plain, ours if native(model) else unpatched, 1e-5)
+            _expect(ok, f"{rope_type}: plain reload off by {error:.2e}")
+            if not native(model):
+                ok, error = _close(logits(from_pretrained(tmp).eval()), ours, 1e-5)
+                _expect(ok, f"{rope_type}: hf_longctx.from_pretrained off by {error:.2e}")
+    finally:
+        problem = _check_unpatch(model, x, snap)
+        if problem:
+            unpatch_errors.append(f"rope {rope_type}: {problem}")
+    return Cell("pass")
+
+
+def _shipped_scaling(model) -> bool:
+    from .positions.rope import rope_types
+
+    return rope_types(model.config.get_text_config(decoder=True)) - {"default"} != set()
+
+
 def _rope(model, unpatch_errors: list[str]) -> Cell:
     x = _tokens(LONG, model.config.get_text_config(decoder=True).vocab_size)
     unpatched = _logits(model, x)
-    cells = {t: _rope_type(model, t, x, unpatched, unpatch_errors) for t in ROPE_TYPES}
+    if _shipped_scaling(model):
+        cells = {t: _stacked_rope_type(model, t, unpatch_errors) for t in ROPE_TYPES}
+    else:
+        cells = {t: _rope_type(model, t, x, unpatched, unpatch_errors) for t in ROPE_TYPES}
     passed = [t for t, c in cells.items() if c.status == "pass"]
     refused = {t: c.reason for t, c in cells.items() if c.status == "refused"}
     if not passed:
@@ -357,9 +435,12 @@ def run_model_type(model_type: str) -> Row:
 
 
 def model_types() -> list[str]:
+    """Every causal-LM model type, then the real long-context rope configurations."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    from .testing import LONG_CONTEXT_CONFIGS
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) + list(LONG_CONTEXT_CONFIGS)
 
 
 def run_matrix(types: list[str] | None = None) -> list[Row]:
@@ -381,8 +462,12 @@ def render(rows: list[Row]) -> str:
     """docs/families.md: one row per model type, one column per section."""
     import transformers
 
-    passing = sum(row.passes for row in rows)
-    failing = sum(bool(row.failures) for row in rows)
+    from .testing import LONG_CONTEXT_CONFIGS
+
+    real = [row for row in rows if row.model_type in LONG_CONTEXT_CONFIGS]
+    rows_by_type = [row for row in rows if row.model_type not in LONG_CONTEXT_CONFIGS]
+    passing = sum(row.passes for row in rows_by_type)
+    failing = sum(bool(row.failures) for row in rows_by_type)
     lines = [
         "# Model families: conformance matrix",
         "",
@@ -391,8 +476,16 @@ def render(rows: list[Row]) -> str:
         f"tiny from its own config, each section checked against transformers' own oracle (see "
         "`hf_longctx/conformance.py` for what each column checks).",
         "",
-        f"{len(rows)} model types: {passing} pass every section they do not refuse, {failing} with a failing cell, "
-        f"{sum(bool(r.built) for r in rows)} whose tiny model does not build or run in transformers itself.",
+        f"{len(rows_by_type)} model types: {passing} pass every section they do not refuse, {failing} with a failing "
+        f"cell, {sum(bool(r.built) for r in rows_by_type)} whose tiny model does not build or run in transformers "
+        "itself.",
+        "",
+        f"Below them, {len(real)} rows with the rope that long-context checkpoints ship (tiny widths, the checkpoint's "
+        "real `rope_parameters` and context; `hf_longctx.testing.LONG_CONTEXT_CONFIGS`): their rope column stacks "
+        "each rope type on the shipped scaling and checks the rotation against a from-scratch reference of the rule "
+        f"at lengths up to {5 * STACKED_AT:,} tokens, then the save/reload and unpatch; "
+        f"{sum(row.passes for row in real)} of them pass every section they do not refuse, "
+        f"{sum(bool(row.failures) for row in real)} with a failing cell.",
         "",
         "| model type | " + " | ".join(SECTIONS) + " |",
         "|---|" + "---|" * len(SECTIONS),

@@ -162,6 +162,7 @@ def rotary_dims(model: nn.Module) -> dict[str | None, int]:
 def _scaled_params(original: dict[str, Any], section: RopeSpec, trained: int, factor: float, dim: int) -> dict:
     """One ``rope_parameters`` dict (flat, or one layer type's) of an unscaled rope scaled by ``section``."""
     params = {k: v for k, v in original.items() if k in ("rope_theta", "partial_rotary_factor")}
+    params.update(stacking.family_keys(original))
     if section.type == "ntk":
         params.update(rope_type="default", rope_theta=original["rope_theta"] * factor ** (dim / (dim - 2)))
         return params
@@ -315,13 +316,17 @@ def _rotaries(model: nn.Module) -> dict[str, tuple[nn.Module, Any]]:
             for path, module in get_family(model).rotary_embeddings(model).items()}
 
 
-def _rebuilt(model: nn.Module, section: RopeSpec) -> dict[str, nn.Module]:
+def _rebuilt(model: nn.Module, before: dict[str, Any]) -> dict[str, nn.Module]:
     """path -> a fresh rotary module built from the scaled config (its own scaled copy where it has one).
 
-    Reads the model's text config as it is now: call after setting the scaled values on it."""
+    Reads the model's text config as it is now: call after setting the scaled values on it; ``before`` holds
+    its values before (a rotary whose config copy has the same theta as they had simply takes the new ones)."""
     shared = text_config(model)
+    shared_theta = (before["rope_parameters"] or {}).get("rope_theta")
     fresh = {}
     for path, (module, config) in _rotaries(model).items():
+        if config is not shared and config.rope_parameters.get("rope_theta") == shared_theta:
+            config = shared
         if config is not shared:
             # a copy with its own theta (Granite SWA): the scaled shared values, its own theta kept, as
             # the model builds such copies from a natively scaled config
@@ -456,7 +461,7 @@ def _apply(model: nn.Module, section: RopeSpec, spec) -> Applied:
     before = {key: copy.deepcopy(getattr(config, key)) for key in _keys(config)}
     _set_config(config, plan.values)
     try:
-        fresh = _rebuilt(model, section)
+        fresh = _rebuilt(model, before)
         _hold_in_memory(fresh, plan)
     except BaseException:
         _set_config(config, before)

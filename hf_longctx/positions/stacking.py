@@ -197,12 +197,28 @@ def exact_factors(frequencies: torch.Tensor, powers: torch.Tensor) -> list[float
     return [float(x) for x in best]
 
 
+# Keys of rope_parameters that some rope type reads; any other key (Ministral 3's llama_4_scaling_beta, read by
+# its attention) belongs to the family and is kept as shipped.
+ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
+             "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate", "low_freq_factor",
+             "high_freq_factor", "short_factor", "long_factor"}
+
+
+def family_keys(params: dict) -> dict:
+    """The shipped keys that no rope type reads (kept through any rescaling)."""
+    return {k: v for k, v in params.items() if k not in ROPE_KEYS}
+
+
 def longrope_params(params: dict, result: Frequencies, dim: int, context: int, new_context: int) -> dict:
-    """``rope_parameters`` of transformers' longrope that rotate by ``result`` (equal lists when static)."""
+    """``rope_parameters`` of transformers' longrope that rotate by ``result`` (equal lists when static).
+
+    A static result switches nowhere: its ``original_max_position_embeddings`` stays the shipped one (a
+    family's attention may read it, as Ministral 3's query scaling does)."""
     powers = unscaled_powers(params, dim)
     long = result.short if result.long is None else result.long
-    switch = result.switch if result.switch is not None else context
+    switch = result.switch if result.switch is not None else (params.get("original_max_position_embeddings") or context)
     out = {k: params[k] for k in ("rope_theta", "partial_rotary_factor") if k in params}
+    out.update(family_keys(params))
     out.update(
         rope_type="longrope",
         short_factor=exact_factors(result.short, powers),
