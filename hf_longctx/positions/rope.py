@@ -199,10 +199,11 @@ def _rope_kwargs(layer_type: str | None) -> dict:
     return {} if layer_type is None else {"layer_type": layer_type}
 
 
-def _native_stacked(model, config, params: dict, layer_type: str | None, section: RopeSpec,
+def _native_stacked(model, config, rotary: nn.Module, params: dict, layer_type: str | None, section: RopeSpec,
                     result: stacking.Frequencies, context: int, factor: float, dim: int) -> dict | None:
     """The rope_parameters of a transformers rope type that rotates by ``result``, or None: each candidate
-    is computed with transformers' own rope function and kept only if it reproduces ``result``."""
+    is run in a rotary module of the model's own class (twice past its switch, as a long generation does)
+    and kept only if it reproduces ``result``."""
     allowed = get_family(model).rope_types
     candidates = []
     shipped = params.get("rope_type", "default")
@@ -222,20 +223,31 @@ def _native_stacked(model, config, params: dict, layer_type: str | None, section
         if "original_max_position_embeddings" in probe.__dict__ and layer_type is None:
             probe.original_max_position_embeddings = candidate.get("original_max_position_embeddings",
                                                                    probe.original_max_position_embeddings)
+        switch = result.switch if result.switch is not None else candidate.get("original_max_position_embeddings")
+        checks = [(2, result.short)]
+        if switch is not None:
+            checks += [(switch + 2, result.at_context())] * 2
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                function = ROPE_INIT_FUNCTIONS[candidate["rope_type"]]
-                short, attention = function(probe, None, **_rope_kwargs(layer_type))
-                ok = stacking.same_rotation(short, result.short) and abs(attention - result.attention) <= 1e-9
-                if ok and result.long is not None:
-                    long, _ = function(probe, None, seq_len=result.switch + 1, **_rope_kwargs(layer_type))
-                    ok = stacking.same_rotation(long, result.long)
-        except Exception:  # noqa: BLE001  a candidate transformers cannot compute is not a native form
+                module = type(rotary)(config=probe)
+                ok = True
+                for length, wanted in checks:
+                    got, attention = _effective(module, layer_type, length)
+                    ok = ok and stacking.same_rotation(got, wanted) and abs(attention - result.attention) <= 1e-9
+        except Exception:  # noqa: BLE001  a candidate this transformers cannot run is not a native form
             continue
         if ok:
             return candidate
     return None
+
+
+def _effective(rotary: nn.Module, layer_type: str | None, length: int) -> tuple[torch.Tensor, float]:
+    """The frequencies and attention factor a rotary module uses for a sequence of ``length`` tokens."""
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    with torch.no_grad():
+        rotary(torch.zeros(1, 1, 1), torch.tensor([[0, length - 1]]), **_rope_kwargs(layer_type))
+    return getattr(rotary, f"{prefix}inv_freq"), float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
 
 
 def _plan(model: nn.Module, section: RopeSpec) -> Plan:
@@ -283,12 +295,16 @@ def _stacked_params(model, config, rotary, params, layer_type, section, plan: Pl
         plan.dynamic[layer_type] = (current.short, context, factor)
         return params
     result = stacking.stacked(section, current, context, factor)
-    native = _native_stacked(model, config, params, layer_type, section, result, context, factor, dim)
+    native = _native_stacked(model, config, rotary, params, layer_type, section, result, context, factor, dim)
     if native is not None:
         return native
     if result.long is not None:
+        import transformers
+
         raise SpecError(f"rope type '{section.type}' stacked on this model's {params.get('rope_type')} rope switches "
-                        "frequencies at a length that no rope type of this model's family expresses; use mode: replace")
+                        "frequencies at a length, which only longrope expresses, and longrope does not run on this "
+                        f"model's rotary embedding with transformers {transformers.__version__} (checked by running "
+                        "it); use mode: replace")
     plan.in_memory[layer_type] = result
     return params
 
