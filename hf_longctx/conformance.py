@@ -214,9 +214,23 @@ def _native_twin(model, patched_config):
     return twin
 
 
+def _check_reload(model, rope_type: str, logits: Callable, ours, unpatched, native: bool, tolerance: float) -> None:
+    """Save; plain transformers (its own class, no plugin) gives the patched logits where the rope is native,
+    else the unpatched ones, and ``hf_longctx.from_pretrained`` the patched ones."""
+    from . import from_pretrained, save_pretrained
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        ok, error = _close(logits(type(model).from_pretrained(tmp).eval()), ours if native else unpatched, tolerance)
+        _expect(ok, f"{rope_type}: plain reload ({'native' if native else 'original'} config) off by {error:.2e}")
+        if not native:
+            ok, error = _close(logits(from_pretrained(tmp).eval()), ours, tolerance)
+            _expect(ok, f"{rope_type}: hf_longctx.from_pretrained off by {error:.2e}")
+
+
 def _rope_type(model, rope_type: str, x, unpatched, unpatch_errors: list[str]) -> Cell:
-    from . import from_pretrained, patch, save_pretrained
-    from .positions.rope import round_trips
+    from . import patch
+    from .positions.rope import native
 
     snap = (unpatched, model.config.to_dict(), {k: v.clone() for k, v in model.state_dict().items()})
     try:
@@ -229,15 +243,7 @@ def _rope_type(model, rope_type: str, x, unpatched, unpatch_errors: list[str]) -
         del config.hf_longctx
         ok, error = _close(ours, _logits(_native_twin(model, config), x))
         _expect(ok, f"{rope_type}: differs from the native config by {error:.2e}")
-        native = round_trips(model.config.get_text_config(decoder=True))
-        with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained(model, tmp)
-            plain = _logits(type(model).from_pretrained(tmp).eval(), x)  # transformers' own class, no plugin
-            ok, error = _close(plain, ours if native else unpatched)
-            _expect(ok, f"{rope_type}: plain reload ({'native' if native else 'original'} config) off by {error:.2e}")
-            if not native:
-                ok, error = _close(_logits(from_pretrained(tmp).eval(), x), ours)
-                _expect(ok, f"{rope_type}: hf_longctx.from_pretrained off by {error:.2e}")
+        _check_reload(model, rope_type, lambda m: _logits(m, x), ours, unpatched, native(model), 1e-4)
     finally:
         problem = _check_unpatch(model, x, snap)
         if problem:
@@ -252,7 +258,7 @@ def _stacked_rope_type(model, rope_type: str, unpatch_errors: list[str]) -> Cell
     """A rope type stacked on a shipped scaling: the rotary's frequencies and attention factor at several
     lengths against the from-scratch reference of the rule; save -> plain transformers (native) or
     ``hf_longctx.from_pretrained`` (in memory) gives the same logits; unpatch bit for bit."""
-    from . import from_pretrained, patch, save_pretrained, unpatch
+    from . import patch, unpatch
     from .families import get_family
     from .positions.rope import native
     from .testing import reference_stacked_rotation
@@ -290,15 +296,7 @@ def _stacked_rope_type(model, rope_type: str, unpatch_errors: list[str]) -> Cell
             _expect(abs(scale - attention) <= 1e-6 * attention, f"{rope_type}: attention factor {scale} != {attention}")
         unpatch(model)  # afresh: a dynamic rope keeps the frequencies of the longest input it saw
         patch(model, {"rope": spec})
-        ours = logits(model)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_pretrained(model, tmp)
-            plain = logits(type(model).from_pretrained(tmp).eval())
-            ok, error = _close(plain, ours if native(model) else unpatched, 1e-5)
-            _expect(ok, f"{rope_type}: plain reload off by {error:.2e}")
-            if not native(model):
-                ok, error = _close(logits(from_pretrained(tmp).eval()), ours, 1e-5)
-                _expect(ok, f"{rope_type}: hf_longctx.from_pretrained off by {error:.2e}")
+        _check_reload(model, rope_type, logits, logits(model), unpatched, native(model), 1e-5)
     finally:
         problem = _check_unpatch(model, x, snap)
         if problem:
