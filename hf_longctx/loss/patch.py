@@ -15,9 +15,10 @@ labels go to the model untouched. The output has ``logits=None``.
 What the head does after its matmul (Granite's ``logits_scaling``, Cohere's ``logit_scale``,
 Gemma's ``final_logit_softcapping``) is found by :func:`head_transform`: before anything is
 changed, it runs the model's own forward and the chunked path on a few tokens whose hidden
-states are scaled up until softcaps and scales bite, picks the transform that reproduces the
-model's logits, and refuses the section with a SpecError when none does or when the losses
-differ: a head this file does not know is refused, never trained with a different objective.
+states (the head's input) are scaled up until softcaps and scales bite, picks the transform that
+reproduces the model's logits, and refuses the section with a SpecError when none does or when
+the losses differ: a head this file does not know is refused, never trained with a different
+objective.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import torch
 from torch import nn
 
 from ..config_base import SpecError
-from ..families import get_family
 from ..patching import Applied, Technique, Wrap, call_arguments, register_technique
 from .chunked import HeadTransform, causal_lm_loss
 from .config import LossSpec
@@ -146,15 +146,12 @@ def head_transform(model: nn.Module, section: LossSpec = LossSpec()) -> HeadTran
     scale = {"factor": 1.0}
     raw: list[torch.Tensor] = []
 
-    def scale_hidden(_module, _args, output):
-        if isinstance(output, tuple):
-            return (output[0] * scale["factor"], *output[1:])
-        output.last_hidden_state = output.last_hidden_state * scale["factor"]
-        return output
+    def scale_hidden(_module, args):
+        return (args[0] * scale["factor"], *args[1:])
 
     was_training = model.training
     model.eval()
-    hooks = [get_family(model).decoder(model).register_forward_hook(scale_hidden),
+    hooks = [head.register_forward_pre_hook(scale_hidden),
              head.register_forward_hook(lambda _module, _args, output: raw.append(output))]
     try:
         try:

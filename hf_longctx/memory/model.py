@@ -16,10 +16,13 @@ Position policy under RoPE (``segment-local``): every segment restarts its posit
 read memory sits at positions ``0..M-1``, the segment's tokens at ``M..M+l-1`` and the write
 slots right after them. The base model therefore never sees a position beyond
 ``segment_length + 2 * memory_tokens``, however long the input: no RoPE extrapolation, and the
-cost per token does not grow with the input length. Padding (``attention_mask`` 0) is masked
-out but keeps its position, as in the base model's own forward pass (RoPE only sees relative
-distances, so the shift from left padding does not change the logits); a segment that is all
-padding for a sample leaves that sample's memory unchanged.
+cost per token does not grow with the input length.
+
+Padding (``attention_mask`` 0) never enters a segment: each row of a padded batch is cut into
+segments by its own real tokens and runs alone (one base-model call per row and segment; a batch
+without padding runs as one), so a prompt in a left-padded batch gets exactly the logits, memory
+and generated tokens of the same prompt alone. Padding positions get zero logits and hidden
+states, and the logit of a padding position scores no loss.
 
 Truncated back-propagation through time (``bptt_depth`` K): let t* be the last segment that
 holds a loss (a label other than -100 after the causal shift; the last segment when no labels
@@ -32,7 +35,8 @@ before the window run without autograd, which bounds training memory by K segmen
 Generation (``generate``) is transformers' own ``GenerationMixin.generate``, with every decoding
 strategy and argument it has except those that roll the state back (assisted decoding): the
 recurrence lives in a :class:`~hf_longctx.memory.cache.RecurrentMemoryCache`, which ``generate``
-carries from step to step and reorders with the beams. A cached call appends its tokens to the open
+carries from step to step and reorders with the beams (one state per row once padding came, so
+that every row closes its segments at its own steps). A cached call appends its tokens to the open
 segment (the read memory goes in front of the segment's first token, the write slots after its
 ``segment_length``-th), so the tokens equal those of re-running :meth:`forward` on the whole sequence
 at every step (``use_cache=False``).
@@ -254,7 +258,8 @@ class RecurrentMemoryModel(nn.Module, GenerationMixin):
         """Segment-recurrent forward pass, whole (training, ``use_cache=False``) or cached (generation).
 
         input_ids ``[B, N]`` (or inputs_embeds ``[B, N, H]``); attention_mask ``[B, N]`` (1 = token,
-        0 = padding; a cached call may give the mask of every token so far, ``[B, seen + N]``); labels
+        0 = padding, which no segment holds: each row is segmented by its own tokens; a cached call may
+        give the mask of every token so far, ``[B, seen + N]``); labels
         ``[B, N]`` (-100 = ignored), shifted inside as in transformers; memory ``[B, M, H]`` is the read
         memory of the first segment (default: the learned memory), e.g. a previous call's
         ``output.memory``; a cached call reads it only when its cache is empty.
