@@ -80,15 +80,15 @@ def _chunked_forward(model: nn.Module, inner, args: tuple, kwargs: dict, calls: 
     labels = arguments.get("labels")
     if labels is None:
         return inner(*args, **kwargs)
-    arguments.pop("logits_to_keep", None)  # every position is scored
-    return_dict = arguments.pop("return_dict", None)
+    return_dict = arguments.get("return_dict")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("logits_to_keep", "return_dict")}  # every position
     call = _LabelledCall(labels, arguments.get("num_items_in_batch"))
     had_own = "_loss_function" in vars(model)
     own = vars(model).get("_loss_function")
     calls.append(call)
     model._loss_function = call.loss_function  # PreTrainedModel.loss_function returns it, for this call only
     try:
-        out = inner(**arguments, return_dict=True)
+        out = inner(*args, **kwargs, return_dict=True)
     finally:
         calls.pop()
         if had_own:
