@@ -48,7 +48,27 @@ def test_loss_aux_loss_and_gradients_equal_the_models_own(model_type, config, ro
         assert expected.aux_loss is not None
         assert abs(expected.loss - _run(model, False, num_items_in_batch=11)[0].loss) > 1e-3
     hl.patch(model, {"loss": {"chunk_size": 7}})
-    out, grads = _run(model, routers, num_items_in_batch=11)
+    _assert_same(model, _run(model, routers, num_items_in_batch=11), (expected, expected_grads))
+
+
+@pytest.mark.parametrize("routers, coefficients", [(True, (0.5, 0.1)), (True, (0.0, 0.0)), (False, (0.5, 0.1))],
+                         ids=["router_losses", "coefficients_0", "no_router_logits"])
+def test_upcycled_moe_with_loss_equals_the_upcycled_model(routers, coefficients):
+    """``moe`` + ``loss``: the router losses of the upcycled model (load balancing and z-loss, padding masked)."""
+    model = tiny_model("llama").train()
+    aux, z = coefficients
+    hl.patch(model, {"moe": {"num_experts": 4, "top_k": 2, "router_aux_loss_coef": aux, "router_z_loss_coef": z}})
+    expected = _run(model, routers)
+    hl.patch(model, {"loss": {"chunk_size": 7}})
+    out = _run(model, routers)
+    _assert_same(model, out, expected)
+    if routers:
+        torch.testing.assert_close(out[0].router_z_loss, expected[0].router_z_loss, rtol=1e-5, atol=0)
+
+
+def _assert_same(model, ours, theirs):
+    """Loss, aux_loss, router logits and every gradient of a patched model equal the unpatched ones."""
+    (out, grads), (expected, expected_grads) = ours, theirs
     assert out.logits is None
     torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=0)
     assert (out.get("aux_loss") is None) == (expected.get("aux_loss") is None)
