@@ -12,7 +12,7 @@ rope          each rope type vs the same model built from the native scaled conf
               patched one)
 window        ``attention.sliding_window`` wider than the input = the unpatched model
 sinks         a narrow window + sink tokens: finite logits that differ from the unpatched ones
-loss          ``loss.chunk_size``: the model's own loss
+loss          ``loss.chunk_size``: the model's own loss (router losses included), aux loss and gradients
 streaming     streaming with a window wider than the generation: the same greedy tokens
 moe           copy upcycling: the same logits
 unpatch       after each section above, ``unpatch`` gives bit-identical logits, config and weights
@@ -366,13 +366,31 @@ def _logits_check(tolerance: float | None):
 
 
 def _loss_check(model, reference):
-    x = _tokens(LENGTH, model.config.get_text_config(decoder=True).vocab_size)
-    with torch.no_grad():
-        loss = model(x, labels=x).loss.float()
+    """The loss with the router losses the model adds (``output_router_logits=True`` where its config has the
+    flag), its ``aux_loss``, and every gradient: all gradients together within 1e-5 of the norm of the
+    model's own, each parameter's within 1e-4 of its own (plus 1e-6 of the total: some are nearly 0)."""
+    config = model.config.get_text_config(decoder=True)
+    x = _tokens(LENGTH, config.vocab_size)
+    routers = {"output_router_logits": True} if getattr(config, "output_router_logits", None) is not None else {}
+    out = model(x, labels=x, **routers)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, parameters, allow_unused=True)
+    aux = out.get("aux_loss")
+    ours = (out.loss.detach().float(), None if aux is None else torch.as_tensor(aux).detach().float(), grads)
     if reference is None:
-        return loss
-    _expect(bool(torch.isclose(loss, reference, rtol=1e-5, atol=1e-5)),
-            f"loss {loss.item():.6f} != the model's own {reference.item():.6f}")
+        return ours
+    (loss, aux, grads), (own_loss, own_aux, own_grads) = ours, reference
+    _expect(bool(torch.isclose(loss, own_loss, rtol=1e-5, atol=1e-5)),
+            f"loss {loss.item():.6f} != the model's own {own_loss.item():.6f}")
+    _expect((aux is None) == (own_aux is None) and (aux is None or bool(torch.isclose(aux, own_aux, rtol=1e-5, atol=1e-6))),
+            f"aux_loss {aux} != the model's own {own_aux}")
+    _expect([g is None for g in grads] == [g is None for g in own_grads], "other parameters get a gradient")
+    pairs = [(g.float(), own.float()) for g, own in zip(grads, own_grads) if own is not None]
+    total = torch.cat([own.flatten() for _, own in pairs]).norm()
+    error = torch.cat([(g - own).flatten() for g, own in pairs]).norm()
+    _expect(bool(error <= 1e-5 * total), f"gradients differ by {(error / total).item():.2e} of their norm")
+    worst = max(((g - own).norm() / (own.norm() + 1e-2 * total)).item() for g, own in pairs)
+    _expect(worst <= 1e-4, f"a parameter's gradient differs by {worst:.2e} of its norm")
 
 
 def _generation_check(model, reference):

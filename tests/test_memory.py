@@ -39,10 +39,13 @@ def test_no_memory_one_segment_is_the_base_model(model_type):
         out = wrapper(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
     assert isinstance(wrapper, RecurrentMemoryModel)
     assert out.logits.shape == ref.logits.shape
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+    real = mask.bool()  # padding never enters a segment: its logits and hidden states are zeros
+    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-5, rtol=0)
+    assert not out.logits[~real].any()
     assert len(out.hidden_states) == len(ref.hidden_states)
     for ours, theirs in zip(out.hidden_states, ref.hidden_states):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=0)
+        assert not ours[~real].any()
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
     assert hf_longctx.unpatch(wrapper) is base
     assert not hasattr(base.config, "hf_longctx")
@@ -299,6 +302,54 @@ def test_text_streamer_prints_the_decoded_new_tokens(capsys):
     text = tokenizer.decode(out[0, 5:])
     assert len(text.split()) == 15
     assert capsys.readouterr().out == text + "\n"
+
+
+def _prompts_left_padded(lengths=(13, 6, 9), seed=11):
+    """Prompts of different lengths, alone ``[1, n]`` and as one left-padded batch (ids, mask)."""
+    prompts = [tokens(1, n, seed=seed + i) for i, n in enumerate(lengths)]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, -prompt.shape[1] :], mask[row, -prompt.shape[1] :] = prompt[0], 1
+    return prompts, ids, mask
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_a_left_padded_batch_equals_each_prompt_alone(model_type):
+    """Segments of 4 with 3 memory tokens: each row is cut by its own tokens, so its logits, hidden states,
+    memory and loss are those of the prompt alone; padding takes no logit and no loss."""
+    wrapper = _memory(tiny_model(model_type), memory_tokens=3, segment_length=4)
+    prompts, ids, mask = _prompts_left_padded()
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        batch = wrapper(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+        alone = [wrapper(input_ids=p, labels=p, output_hidden_states=True) for p in prompts]
+    for row, (prompt, own) in enumerate(zip(prompts, alone)):
+        real = mask[row].bool()
+        torch.testing.assert_close(batch.logits[row, real], own.logits[0], atol=1e-5, rtol=0)
+        assert not batch.logits[row, ~real].any()
+        for ours, theirs in zip(batch.hidden_states, own.hidden_states):
+            torch.testing.assert_close(ours[row, real], theirs[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch.memory[row], own.memory[0], atol=1e-5, rtol=0)
+    scored = [p.shape[1] - 1 for p in prompts]  # each prompt's own next-token losses, none for padding
+    expected = sum(own.loss * n for own, n in zip(alone, scored)) / sum(scored)
+    torch.testing.assert_close(batch.loss, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type, mode", [(family, "greedy") for family in FAMILIES] + [("llama", "beams")])
+def test_generate_on_a_left_padded_batch_gives_each_prompts_own_tokens_and_logits(model_type, mode):
+    """14 new tokens over segments of 4: the rows close their segments at their own steps."""
+    wrapper = _memory(tiny_model(model_type), memory_tokens=3, segment_length=4)
+    prompts, ids, mask = _prompts_left_padded()
+    options = dict(max_new_tokens=14, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
+                   output_logits=True, **MODES[mode])
+    batch = wrapper.generate(ids, attention_mask=mask, **options)
+    for row, prompt in enumerate(prompts):
+        own = wrapper.generate(prompt, **options)
+        assert torch.equal(batch.sequences[row, ids.shape[1] :], own.sequences[0, prompt.shape[1] :])
+        if mode == "greedy":
+            for ours, theirs in zip(batch.logits, own.logits):
+                torch.testing.assert_close(ours[row], theirs[0], atol=1e-5, rtol=0)
 
 
 def test_generation_refuses_what_the_state_cannot_do():

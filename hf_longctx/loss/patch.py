@@ -1,36 +1,36 @@
 """The ``loss`` patch: the model's own training loss, computed in chunks over the hidden states.
 
-With ``labels``, the patched forward runs the decoder (so the ``[B, N, vocab]`` logits are never
-built) and calls the output head once, with the labels: the head's own forward contribution
-computes :func:`~hf_longctx.loss.chunked.causal_lm_loss`, so that FSDP's hooks on the head gather
-its weight and reduce-scatter its gradient as for the standard logits. What a native MoE adds to
-its loss (``router_aux_loss_coef`` times its module's ``load_balancing_loss_func`` of the router
-logits) is added as the model adds it; the ``moe`` patch's router losses wrap this from the
-outside. Calls without labels go to the model untouched. The output has ``logits=None``.
+With ``labels``, the patched forward runs the model's own forward, and the output head's forward
+contribution, in that one call, computes :func:`~hf_longctx.loss.chunked.causal_lm_loss` of the
+hidden states it is given and returns an empty ``[B, N, 0]`` placeholder in place of the
+``[B, N, vocab]`` logits; for the length of the call the model's ``loss_function`` returns that loss.
+Everything else is the model's own code path: what a native MoE adds to its loss (a load-balancing
+loss with its own coefficient and attention mask, a router z-loss, whatever the family computes, or
+nothing when ``output_router_logits`` is off or the coefficient is 0) is added by the model itself,
+and its ``aux_loss`` and ``router_logits`` come back as it returns them. The head runs once, inside
+its own module call, so FSDP's hooks on the head gather its weight and reduce-scatter its gradient as
+for the standard logits. The ``moe`` patch's router losses wrap this from the outside. Calls without
+labels go to the model untouched. The output has ``logits=None``.
 
 What the head does after its matmul (Granite's ``logits_scaling``, Cohere's ``logit_scale``,
 Gemma's ``final_logit_softcapping``) is found by :func:`head_transform`: before anything is
 changed, it runs the model's own forward and the chunked path on a few tokens whose hidden
-states are scaled up until softcaps and scales bite, picks the transform that reproduces the
-model's logits, and refuses the section with a SpecError when none does or when the losses
-differ: a head this file does not know is refused, never trained with a different objective.
+states (the head's input) are scaled up until softcaps and scales bite, picks the transform that
+reproduces the model's logits, and refuses the section with a SpecError when none does or when
+the losses differ: a head this file does not know is refused, never trained with a different
+objective.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import logging
-import sys
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
-from transformers.utils import ModelOutput
 
 from ..config_base import SpecError
-from ..families import get_family
 from ..patching import Applied, Technique, Wrap, call_arguments, register_technique
 from .chunked import HeadTransform, causal_lm_loss
 from .config import LossSpec
@@ -57,59 +57,62 @@ def candidate_transforms(config) -> list[HeadTransform]:
     return [HeadTransform(scale, cap) for cap in reversed(caps) for scale in reversed(scales)]
 
 
-def _router_aux_coef(model: nn.Module) -> float | None:
-    coef = getattr(model, "router_aux_loss_coef", None)
-    return getattr(model.config, "router_aux_loss_coef", None) if coef is None else coef
+class _LabelledCall:
+    """One forward call with labels: the head's forward computes the chunked loss, the model's loss function
+    returns it."""
+
+    def __init__(self, labels: torch.Tensor, num_items_in_batch):
+        self.labels = labels
+        self.num_items_in_batch = num_items_in_batch
+        self.loss: torch.Tensor | None = None
+
+    def loss_function(self, *args, **kwargs) -> torch.Tensor:
+        if self.loss is None:
+            raise RuntimeError("the model computed its loss without calling its output head")
+        return self.loss
 
 
-def _last_hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output.last_hidden_state
+def _chunked_forward(model: nn.Module, inner, args: tuple, kwargs: dict, calls: list[_LabelledCall]):
+    """``inner`` (the causal LM's forward) with its loss computed in chunks; see the module docstring.
 
-
-def _load_balancing_loss(model: nn.Module):
-    """The router loss function of a native MoE family's modeling module (Mixtral's), or None."""
-    return getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
-
-
-def _chunked_forward(model: nn.Module, head: nn.Module, inner, args: tuple, kwargs: dict, head_loss=None):
-    """``inner`` (a causal LM forward) with its loss computed by ``head(hidden, labels=...)`` (or ``head_loss``,
-    a function of the same arguments); see the module docstring."""
+    ``calls`` is the stack of labelled calls that the head's forward (:func:`_head_forward`) reads."""
     arguments = call_arguments(inner, args, kwargs)
-    labels = arguments.pop("labels", None)
+    labels = arguments.get("labels")
     if labels is None:
         return inner(*args, **kwargs)
-    if model.get_output_embeddings() is not head:
-        raise ValueError("the output embedding was replaced after the 'loss' patch (is lm_head a LoRA target?)")
-    num_items_in_batch = arguments.pop("num_items_in_batch", None)
-    return_dict = arguments.pop("return_dict", None)
-    arguments.pop("logits_to_keep", None)
-    config = model.config.get_text_config(decoder=True)
-    if arguments.get("output_router_logits") is None and getattr(config, "output_router_logits", None) is not None:
-        arguments["output_router_logits"] = config.output_router_logits
-    # The decoder, then the head once: the head must not run twice in a step (FSDP hooks on it).
-    outputs = get_family(model).decoder(model)(**arguments)
-    loss = (head_loss or head)(_last_hidden(outputs), labels=labels, num_items_in_batch=num_items_in_batch)
-    fields = dict(outputs.items()) if isinstance(outputs, ModelOutput) else {}
-    aux_loss = None
-    if arguments.get("output_router_logits") and fields.get("router_logits") is not None:  # as the model adds it
-        aux_loss = _load_balancing_loss(model)(fields["router_logits"], model.num_experts, model.num_experts_per_tok,
-                                               arguments.get("attention_mask"))
-        aux_loss = torch.as_tensor(aux_loss, device=loss.device)  # older releases return a plain 0 without routers
-        loss = loss + _router_aux_coef(model) * aux_loss
-    output_class = MoeCausalLMOutputWithPast if "router_logits" in fields else CausalLMOutputWithPast
-    names = {f.name for f in dataclasses.fields(output_class)} - {"loss", "logits", "aux_loss"}
-    out = output_class(loss=loss, logits=None, **{k: v for k, v in fields.items() if k in names},
-                       **({"aux_loss": aux_loss} if output_class is MoeCausalLMOutputWithPast else {}))
+    return_dict = arguments.get("return_dict")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("logits_to_keep", "return_dict")}  # every position
+    call = _LabelledCall(labels, arguments.get("num_items_in_batch"))
+    had_own = "_loss_function" in vars(model)
+    own = vars(model).get("_loss_function")
+    calls.append(call)
+    model._loss_function = call.loss_function  # PreTrainedModel.loss_function returns it, for this call only
+    try:
+        out = inner(*args, **kwargs, return_dict=True)
+    finally:
+        calls.pop()
+        if had_own:
+            model._loss_function = own
+        else:
+            del model._loss_function
+    if call.loss is None:
+        raise RuntimeError(f"{type(model).__name__} returned a loss without calling its output head")
+    out = type(out)(**{k: v for k, v in out.items() if k != "logits"})  # the head's output is a placeholder
     return out.to_tuple() if return_dict is False else out
 
 
-def _head_forward(head: nn.Linear, inner, chunk_size: int, transform: HeadTransform):
+def _head_forward(head: nn.Linear, inner, chunk_size: int, transform: HeadTransform, calls: list[_LabelledCall]):
     @functools.wraps(inner)
-    def forward(hidden, labels=None, num_items_in_batch=None):
-        if labels is None:
+    def forward(hidden):
+        if not calls:
             return inner(hidden)
-        return causal_lm_loss(hidden, head.weight, labels, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
-                              bias=head.bias, transform=transform)
+        call = calls[-1]
+        if call.loss is not None:
+            raise RuntimeError("the output head ran twice in one forward call with labels; 'loss' computes its "
+                               "loss in the head's one call")
+        call.loss = causal_lm_loss(hidden, head.weight, call.labels, chunk_size=chunk_size,
+                                   num_items_in_batch=call.num_items_in_batch, bias=head.bias, transform=transform)
+        return hidden.new_empty(*hidden.shape[:-1], 0)  # the model's own steps after the head cost nothing on it
 
     return forward
 
@@ -124,12 +127,6 @@ def _check(model: nn.Module, section: LossSpec, spec) -> None:
     if "logits_to_keep" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         raise SpecError(f"'loss' is not supported for model_type '{name}': its forward has no logits_to_keep, "
                         "so the full logits could not be skipped")
-    if getattr(model.config.get_text_config(decoder=True), "output_router_logits", None) is not None and (
-            _router_aux_coef(model) is None or _load_balancing_loss(model) is None
-            or not hasattr(model, "num_experts") or not hasattr(model, "num_experts_per_tok")):
-        raise SpecError(f"'loss' is not supported for model_type '{name}': it returns router losses that the "
-                        "chunked path cannot reproduce (no router_aux_loss_coef, load_balancing_loss_func, "
-                        "num_experts or num_experts_per_tok)")
     head_transform(model, section)
 
 
@@ -147,31 +144,29 @@ def head_transform(model: nn.Module, section: LossSpec = LossSpec()) -> HeadTran
     ids = torch.randint(0, vocab_size, (1, _PROBE_TOKENS), generator=generator).to(head.weight.device)
     kwargs = {"output_router_logits": True} if getattr(model.config, "output_router_logits", None) is not None else {}
     scale = {"factor": 1.0}
-    hidden: list[torch.Tensor] = []
+    raw: list[torch.Tensor] = []
 
-    def scale_hidden(_module, _args, output):
-        if isinstance(output, tuple):
-            output = (output[0] * scale["factor"], *output[1:])
-        else:
-            output.last_hidden_state = output.last_hidden_state * scale["factor"]
-        hidden.append(_last_hidden(output))
-        return output
+    def scale_hidden(_module, args):
+        return (args[0] * scale["factor"], *args[1:])
 
     was_training = model.training
     model.eval()
-    hook = get_family(model).decoder(model).register_forward_hook(scale_hidden)
+    hooks = [head.register_forward_pre_hook(scale_hidden),
+             head.register_forward_hook(lambda _module, _args, output: raw.append(output))]
     try:
         try:
             largest = own_forward(ids, use_cache=False, **kwargs).logits.float().abs().max().item()
             scale["factor"] = _PROBE_LOGIT / largest if largest > 0 else 1.0
-            hidden.clear()
+            raw.clear()
             own = own_forward(ids, labels=ids, use_cache=False, **kwargs)
         except Exception as err:  # noqa: BLE001  the model's own forward, not ours: nothing to compare with
             raise SpecError(f"'loss' is not supported for model_type '{model.config.model_type}': its own forward "
                             f"fails on the check input ({type(err).__name__}: {err})") from err
-        raw = head(hidden[0])
         tolerance = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 3e-2
-        errors = {t: ((own.logits.float() - t(raw).float()).abs().max() / _PROBE_LOGIT).item()
+        if len(raw) != 1:
+            raise SpecError(f"'loss' is not supported for model_type '{model.config.model_type}': its forward calls "
+                            f"its output head {len(raw)} times, not once")
+        errors = {t: ((own.logits.float() - t(raw[0]).float()).abs().max() / _PROBE_LOGIT).item()
                   for t in candidate_transforms(model.config)}
         transform = min(errors, key=errors.get)
         if errors[transform] > tolerance:
@@ -180,14 +175,22 @@ def head_transform(model: nn.Module, section: LossSpec = LossSpec()) -> HeadTran
                 f"that none of {list(errors)} reproduces (closest: relative difference {errors[transform]:.2g}); "
                 "the chunked loss would train a different objective"
             )
+        calls: list[_LabelledCall] = []
+        had_forward, head_forward = "forward" in vars(head), vars(head).get("forward")
+        head.forward = _head_forward(head, head.forward, section.chunk_size, transform, calls)
         try:
-            ours = _chunked_forward(model, head, own_forward, (ids,), dict(labels=ids, use_cache=False, **kwargs),
-                                    head_loss=_head_forward(head, head.forward, section.chunk_size, transform))
-        except Exception as err:  # noqa: BLE001  the decoder alone does not run as the model runs it
-            raise SpecError(f"'loss' is not supported for model_type '{model.config.model_type}': its decoder "
-                            f"does not run on its own ({type(err).__name__}: {err})") from err
+            ours = _chunked_forward(model, own_forward, (ids,), dict(labels=ids, use_cache=False, **kwargs), calls)
+        except Exception as err:  # noqa: BLE001  the model does more with its logits than a head's transform
+            raise SpecError(f"'loss' is not supported for model_type '{model.config.model_type}': its forward does "
+                            f"not run with the loss computed in its head ({type(err).__name__}: {err})") from err
+        finally:
+            if had_forward:
+                head.forward = head_forward
+            else:
+                del head.forward
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         model.train(was_training)
     loss_error = abs(ours.loss.item() - own.loss.item()) / max(abs(own.loss.item()), 1e-6)
     if loss_error > tolerance:
@@ -201,18 +204,19 @@ def head_transform(model: nn.Module, section: LossSpec = LossSpec()) -> HeadTran
 def _apply(model: nn.Module, section: LossSpec, spec) -> Applied:
     head = model.get_output_embeddings()
     transform = head_transform(model, section)
+    calls: list[_LabelledCall] = []  # the labelled calls in progress, read by the head's forward
 
     def wrap_forward(inner):
         @functools.wraps(inner)
         def forward(*args, **kwargs):
-            return _chunked_forward(model, head, inner, args, kwargs)
+            return _chunked_forward(model, inner, args, kwargs, calls)
 
         return forward
 
     logger.info("loss: chunked cross-entropy, %d tokens per chunk, head %s", section.chunk_size, transform)
     return Applied(wraps=(
         Wrap(model, "forward", wrap_forward),
-        Wrap(head, "forward", lambda inner: _head_forward(head, inner, section.chunk_size, transform)),
+        Wrap(head, "forward", lambda inner: _head_forward(head, inner, section.chunk_size, transform, calls)),
     ))
 
 

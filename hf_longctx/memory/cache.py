@@ -7,14 +7,17 @@ needs to go on from where the last call stopped:
 - ``memory`` ``[B, M, H]``: the read memory of the open segment,
 - ``segment``: the base model's own cache (a ``DynamicCache``) of the open segment: its read memory and
   the ``filled`` tokens it holds so far; None until the segment's first token arrives,
-- ``segment_mask`` ``[B, M + filled]``: the attention mask of what ``segment`` holds (None: no padding),
-- ``seen``: the tokens consumed in all, segments before the open one included.
+- ``seen``: the tokens consumed in all, segments before the open one included,
+- ``rows``: once a call brings padding, one such state per row (see :meth:`RecurrentMemoryCache.split_rows`):
+  each row is segmented by its own real tokens, so its segments close at its own steps.
 
 When the open segment reaches ``segment_length`` tokens its write slots run on ``segment``, their
 hidden states become ``memory`` and the next segment starts from an empty base cache.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from transformers import Cache
@@ -40,9 +43,9 @@ class RecurrentMemoryCache(Cache):
         super().__init__(layers=[])
         self.memory: torch.Tensor | None = None  # [B, M, H]
         self.segment: Cache | None = None
-        self.segment_mask: torch.Tensor | None = None  # [B, M + filled]
         self.filled = 0
         self.seen = 0
+        self.rows: list[RecurrentMemoryCache] | None = None  # one state per row, once padding came
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seen={self.seen}, filled={self.filled})"
@@ -65,13 +68,29 @@ class RecurrentMemoryCache(Cache):
         if self.memory is not None:
             self._select(torch.arange(self.memory.shape[0], device=self.memory.device).repeat_interleave(repeats))
 
+    def split_rows(self, batch: int) -> list["RecurrentMemoryCache"]:
+        """One state per row, each continuing that row's own segments (``batch`` rows). A batched state
+        holds no padding (padded calls go row by row), so it splits into the rows' states exactly, once."""
+        if self.rows is None:
+            self.rows = []
+            for b in range(batch):
+                row = RecurrentMemoryCache()
+                row.memory = None if self.memory is None else self.memory[b : b + 1]
+                if self.segment is not None:
+                    row.segment = copy.deepcopy(self.segment)
+                    row.segment.reorder_cache(torch.tensor([b], device=self.memory.device))
+                row.filled, row.seen = self.filled, self.seen
+                self.rows.append(row)
+            self.segment, self.filled = None, 0
+        return self.rows
+
     def _select(self, rows: torch.Tensor) -> None:
+        if self.rows is not None:  # a row selected twice (beams) gets its own copy: the rows change in place
+            self.rows = [copy.deepcopy(self.rows[i]) for i in rows.tolist()]
         if self.memory is not None:
             self.memory = self.memory.index_select(0, rows.to(self.memory.device))
         if self.segment is not None:
             self.segment.reorder_cache(rows)  # a row selection, which every cache layer implements
-        if self.segment_mask is not None:
-            self.segment_mask = self.segment_mask.index_select(0, rows.to(self.segment_mask.device))
 
     def crop(self, tokens_to_remove: int) -> None:
         """Only the no-op ``crop(0)``: the tokens of closed segments live on only in the memory."""

@@ -16,10 +16,13 @@ Position policy under RoPE (``segment-local``): every segment restarts its posit
 read memory sits at positions ``0..M-1``, the segment's tokens at ``M..M+l-1`` and the write
 slots right after them. The base model therefore never sees a position beyond
 ``segment_length + 2 * memory_tokens``, however long the input: no RoPE extrapolation, and the
-cost per token does not grow with the input length. Padding (``attention_mask`` 0) is masked
-out but keeps its position, as in the base model's own forward pass (RoPE only sees relative
-distances, so the shift from left padding does not change the logits); a segment that is all
-padding for a sample leaves that sample's memory unchanged.
+cost per token does not grow with the input length.
+
+Padding (``attention_mask`` 0) never enters a segment: each row of a padded batch is cut into
+segments by its own real tokens and runs alone (one base-model call per row and segment; a batch
+without padding runs as one), so a prompt in a left-padded batch gets exactly the logits, memory
+and generated tokens of the same prompt alone. Padding positions get zero logits and hidden
+states, and the logit of a padding position scores no loss.
 
 Truncated back-propagation through time (``bptt_depth`` K): let t* be the last segment that
 holds a loss (a label other than -100 after the causal shift; the last segment when no labels
@@ -32,7 +35,8 @@ before the window run without autograd, which bounds training memory by K segmen
 Generation (``generate``) is transformers' own ``GenerationMixin.generate``, with every decoding
 strategy and argument it has except those that roll the state back (assisted decoding): the
 recurrence lives in a :class:`~hf_longctx.memory.cache.RecurrentMemoryCache`, which ``generate``
-carries from step to step and reorders with the beams. A cached call appends its tokens to the open
+carries from step to step and reorders with the beams (one state per row once padding came, so
+that every row closes its segments at its own steps). A cached call appends its tokens to the open
 segment (the read memory goes in front of the segment's first token, the write slots after its
 ``segment_length``-th), so the tokens equal those of re-running :meth:`forward` on the whole sequence
 at every step (``use_cache=False``).
@@ -43,9 +47,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, GenerationConfig, GenerationMixin
 from transformers.generation.configuration_utils import GenerationMode
@@ -88,7 +93,6 @@ class _Piece(NamedTuple):
     hidden_states: tuple[torch.Tensor, ...] | None  # per layer [B, n, H] at the tokens, if asked for
     written: torch.Tensor | None  # [B, M, H]: the new memory, when the piece closed the segment
     cache: Cache | None  # the base model's cache of the segment so far (cached calls)
-    mask: torch.Tensor | None  # [B, positions so far] attention mask of the segment so far (None: no padding)
 
 
 class RecurrentMemoryModel(nn.Module, GenerationMixin):
@@ -202,7 +206,6 @@ class RecurrentMemoryModel(nn.Module, GenerationMixin):
         self,
         memory: torch.Tensor,
         embeds: torch.Tensor,
-        mask: torch.Tensor | None,
         state: RecurrentMemoryCache | None,
         close: bool,
         keep: range,
@@ -211,46 +214,31 @@ class RecurrentMemoryModel(nn.Module, GenerationMixin):
         """Run the next tokens of one segment through the base model.
 
         ``memory`` ``[B, M, H]`` is the segment's read memory, also the input of its write slots;
-        ``embeds`` ``[B, n, H]`` and ``mask`` ``[B, n]`` (None: no padding) are its next n tokens.
+        ``embeds`` ``[B, n, H]`` are its next n tokens (no padding: padded batches run row by row).
         ``state`` holds the segment's earlier tokens on a base-model cache; when it holds none (or is
         None: no cache is kept), the tokens open the segment and the read memory goes in front of them.
         ``close``: the write slots follow the tokens, and their last hidden states (after the final
-        norm) are the new memory, except for a sample whose segment held only padding.
+        norm) are the new memory.
         ``keep``: the tokens (0..n-1) whose logits are computed.
         """
-        batch, n = embeds.shape[:2]
-        m = self.memory_tokens
+        n = embeds.shape[1]
         opens = state is None or state.filled == 0
-        inputs, masks = [embeds], [(mask, n)]
-        if opens:
-            inputs.insert(0, memory)
-            masks.insert(0, (None, m))
-        else:
-            masks.insert(0, (state.segment_mask, m + state.filled))
+        inputs = [memory, embeds] if opens else [embeds]
         if close:
             inputs.append(memory)
-            masks.append((None, m))
-        full_mask = _cat_masks(masks, batch, embeds.device)
-        start = m if opens else 0  # index of the first token in this call's input
+        start = self.memory_tokens if opens else 0  # index of the first token in this call's input
         out = self.model(
             inputs_embeds=torch.cat(inputs, dim=1),
-            attention_mask=full_mask,
             use_cache=state is not None,
             output_hidden_states=hidden or close,
             logits_to_keep=torch.arange(start + keep.start, start + keep.stop, device=embeds.device),
             **{CACHE_KWARG: None if opens else state.segment},
         )
-        written = None
-        if close:
-            written = out.hidden_states[-1][:, start + n :]
-            if full_mask is not None:  # the segment's tokens lie between its read memory and its write slots
-                written = _keep_memory_of_empty(written, memory, full_mask[:, m : full_mask.shape[1] - m])
         return _Piece(
             logits=out.logits,
             hidden_states=tuple(h[:, start : start + n] for h in out.hidden_states) if hidden else None,
-            written=written,
+            written=out.hidden_states[-1][:, start + n :] if close else None,
             cache=out[CACHE_KWARG] if state is not None else None,
-            mask=full_mask,
         )
 
     def forward(
@@ -270,7 +258,8 @@ class RecurrentMemoryModel(nn.Module, GenerationMixin):
         """Segment-recurrent forward pass, whole (training, ``use_cache=False``) or cached (generation).
 
         input_ids ``[B, N]`` (or inputs_embeds ``[B, N, H]``); attention_mask ``[B, N]`` (1 = token,
-        0 = padding; a cached call may give the mask of every token so far, ``[B, seen + N]``); labels
+        0 = padding, which no segment holds: each row is segmented by its own tokens; a cached call may
+        give the mask of every token so far, ``[B, seen + N]``); labels
         ``[B, N]`` (-100 = ignored), shifted inside as in transformers; memory ``[B, M, H]`` is the read
         memory of the first segment (default: the learned memory), e.g. a previous call's
         ``output.memory``; a cached call reads it only when its cache is empty.
@@ -301,6 +290,8 @@ class RecurrentMemoryModel(nn.Module, GenerationMixin):
             memory = self.memory[None].expand(batch, -1, -1)
         if attention_mask is not None:
             attention_mask = attention_mask[:, -total:]
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        hidden = bool(output_hidden_states)
 
         if cache is not None or use_cache:
             if labels is not None:
@@ -308,18 +299,50 @@ class RecurrentMemoryModel(nn.Module, GenerationMixin):
             cache = _memory_cache(cache)
             if cache.memory is None:
                 cache.memory = memory
-            logits, hidden_states = _gather(self._cached(inputs_embeds, attention_mask, cache, keep, bool(output_hidden_states)))
+            if padded or cache.rows is not None:
+                rows = cache.split_rows(batch)
+                logits, hidden_states, _ = self._by_row(
+                    inputs_embeds, attention_mask, keep, hidden,
+                    lambda b, embeds, kept, _cols: (*_gather(self._cached(embeds, rows[b], kept, hidden)), None),
+                )
+                cache.seen += total
+            else:
+                logits, hidden_states = _gather(self._cached(inputs_embeds, cache, keep, hidden))
             output = RecurrentMemoryOutput(logits=logits, hidden_states=hidden_states)
             output[CACHE_KWARG] = cache
             return output
 
+        if padded:
+            if labels is not None:  # the logit of a padding position scores nothing
+                labels = labels.masked_fill(F.pad(attention_mask[:, :-1] == 0, (1, 0), value=False), -100)
+            scored = None if labels is None else F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # [B, N]
+            logits, hidden_states, written = self._by_row(
+                inputs_embeds, attention_mask, keep, hidden,
+                lambda b, embeds, kept, cols: self._segments(
+                    embeds, memory[b : b + 1], None if scored is None else scored[b, cols], kept, hidden),
+            )
+            memory = torch.cat([memory[b : b + 1] if w is None else w for b, w in enumerate(written)])
+        else:
+            # The logit at position i is scored against labels[i + 1]: it belongs to i's segment.
+            scored = None if labels is None else F.pad((labels[:, 1:] != -100).any(dim=0), (0, 1), value=False)
+            logits, hidden_states, memory = self._segments(inputs_embeds, memory, scored, keep, hidden)
+        loss = None
+        if labels is not None:
+            loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return RecurrentMemoryOutput(loss=loss, logits=logits, hidden_states=hidden_states, memory=memory)
+
+    def _segments(
+        self, embeds: torch.Tensor, memory: torch.Tensor, scored: torch.Tensor | None, keep: range, hidden: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, torch.Tensor]:
+        """The whole (uncached) forward pass of ``embeds`` ``[B, N, H]`` (no padding) from the read memory
+        ``memory`` ``[B, M, H]``, with truncated BPTT; ``scored`` ``[N]`` (None: no labels) says which tokens'
+        logits hold a loss. Returns the kept logits, the hidden states and the memory the last segment wrote."""
+        total = embeds.shape[1]
         starts = range(0, total, self.segment_length)
         has_loss = [True] * len(starts)
-        if labels is not None:
-            # The logit at position i is scored against labels[i + 1]: it belongs to i's segment.
+        if scored is not None:
             # Padded to whole segments, so that one reduction (one device-to-host copy) covers them all.
-            scored = (labels[:, 1:] != -100).any(dim=0)
-            scored = torch.nn.functional.pad(scored, (0, len(starts) * self.segment_length - scored.shape[0]))
+            scored = F.pad(scored, (0, len(starts) * self.segment_length - total))
             has_loss = scored.view(len(starts), self.segment_length).any(dim=1).tolist()
         last_loss = max((t for t, flag in enumerate(has_loss) if flag), default=len(starts) - 1)
         detach_upto = -1 if self.bptt_depth is None else last_loss - self.bptt_depth + 1
@@ -331,22 +354,47 @@ class RecurrentMemoryModel(nn.Module, GenerationMixin):
             end = start + self.segment_length
             needs_graph = has_loss[t] or t >= detach_upto
             with torch.set_grad_enabled(torch.is_grad_enabled() and needs_graph):
-                segment_mask = None if attention_mask is None else attention_mask[:, start:end]
-                piece = self._piece(
-                    memory, inputs_embeds[:, start:end], segment_mask, None, True, _within(keep, start, end), bool(output_hidden_states)
-                )
+                piece = self._piece(memory, embeds[:, start:end], None, True, _within(keep, start, end), hidden)
             memory = piece.written
             pieces.append(piece)
-        logits, hidden_states = _gather(pieces)
-        loss = None
-        if labels is not None:
-            loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return RecurrentMemoryOutput(loss=loss, logits=logits, hidden_states=hidden_states, memory=memory)
+        return (*_gather(pieces), memory)
 
-    def _cached(
-        self, embeds: torch.Tensor, mask: torch.Tensor | None, cache: RecurrentMemoryCache, keep: range, hidden: bool
-    ) -> list[_Piece]:
-        """Append ``embeds`` ``[B, n, H]`` (``mask`` ``[B, n]`` or None) to the cache's open segment, closing
+    def _by_row(self, embeds: torch.Tensor, mask: torch.Tensor, keep: range, hidden: bool, run: Callable):
+        """A padded batch, each row alone on its own real tokens: ``run(b, embeds [1, r, H], kept, columns)``
+        gives row b's ``(logits [1, k, V], hidden states per layer [1, r, H] or None, memory [1, M, H] or
+        None)`` for its r real tokens at ``columns`` ``[r]`` of ``mask`` ``[B, N]``, ``kept`` the range of
+        them whose logits are kept. The logits and hidden states go back to the rows' columns, zeros at
+        padding (its logits score nothing); returns them ``[B, len(keep), V]`` and per layer ``[B, N, H]``,
+        and the rows' memories (None for a row without a real token)."""
+        results, placed = [], []
+        for b in range(embeds.shape[0]):
+            columns = mask[b].nonzero()[:, 0]
+            bounds = torch.tensor([keep.start, keep.stop], device=columns.device)
+            kept = range(*torch.searchsorted(columns, bounds).tolist())
+            results.append(run(b, embeds[b : b + 1, columns], kept, columns) if len(columns) else None)
+            placed.append((columns, columns[kept.start : kept.stop] - keep.start))
+        if all(result is None for result in results):
+            raise ValueError("the attention_mask holds no real token in any row")
+        logits_like, hidden_like, _ = next(result for result in results if result is not None)
+        logits = torch.stack([
+            logits_like.new_zeros(len(keep), logits_like.shape[-1]).index_copy(0, at, result[0][0])
+            if result is not None else logits_like.new_zeros(len(keep), logits_like.shape[-1])
+            for result, (_, at) in zip(results, placed)
+        ])
+        hidden_states = None
+        if hidden:
+            hidden_states = tuple(
+                torch.stack([
+                    like.new_zeros(embeds.shape[1], like.shape[-1]).index_copy(0, columns, result[1][i][0])
+                    if result is not None else like.new_zeros(embeds.shape[1], like.shape[-1])
+                    for result, (columns, _) in zip(results, placed)
+                ])
+                for i, like in enumerate(hidden_like)
+            )
+        return logits, hidden_states, [None if result is None else result[2] for result in results]
+
+    def _cached(self, embeds: torch.Tensor, cache: RecurrentMemoryCache, keep: range, hidden: bool) -> list[_Piece]:
+        """Append ``embeds`` ``[B, n, H]`` (no padding) to the cache's open segment, closing
         every segment that reaches ``segment_length`` tokens; one base-model call per segment touched."""
         pieces = []
         done, total = 0, embeds.shape[1]
@@ -354,12 +402,12 @@ class RecurrentMemoryModel(nn.Module, GenerationMixin):
             end = done + min(self.segment_length - cache.filled, total - done)
             close = cache.filled + end - done == self.segment_length
             piece = self._piece(
-                cache.memory, embeds[:, done:end], None if mask is None else mask[:, done:end], cache, close, _within(keep, done, end), hidden
+                cache.memory, embeds[:, done:end], cache, close, _within(keep, done, end), hidden
             )
             if close:
-                cache.memory, cache.segment, cache.segment_mask, cache.filled = piece.written, None, None, 0
+                cache.memory, cache.segment, cache.filled = piece.written, None, 0
             else:
-                cache.segment, cache.segment_mask, cache.filled = piece.cache, piece.mask, cache.filled + end - done
+                cache.segment, cache.filled = piece.cache, cache.filled + end - done
             cache.seen += end - done
             pieces.append(piece)
             done = end
@@ -391,21 +439,6 @@ def _within(keep: range, start: int, end: int) -> range:
     """The positions of ``keep`` in ``[start, end)``, counted from ``start``."""
     low, high = max(keep.start, start), min(keep.stop, end)
     return range(low - start, max(high, low) - start)
-
-
-def _cat_masks(parts: list[tuple[torch.Tensor | None, int]], batch: int, device: torch.device) -> torch.Tensor | None:
-    """``(mask [B, l] or None for no padding, l)`` parts joined along the positions; None when none has a mask."""
-    if all(mask is None for mask, _ in parts):
-        return None
-    return torch.cat(
-        [torch.ones(batch, length, dtype=torch.long, device=device) if mask is None else mask for mask, length in parts], dim=1
-    )
-
-
-def _keep_memory_of_empty(written: torch.Tensor, memory: torch.Tensor, segment_mask: torch.Tensor) -> torch.Tensor:
-    """The new memory ``[B, M, H]``: a sample whose segment is all padding (``segment_mask`` ``[B, l]``)
-    keeps its previous memory."""
-    return torch.where(segment_mask.any(dim=1)[:, None, None], written, memory)
 
 
 def _check(model: nn.Module, section: MemorySpec, spec) -> None:
