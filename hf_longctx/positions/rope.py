@@ -116,7 +116,7 @@ def rope_types(config) -> set[str]:
 def length_dependent(model: nn.Module) -> bool:
     """Whether the model's rotary frequencies change with the sequence length (dynamic NTK, a LongRoPE whose
     two lists differ, a dynamic section stacked on a scaled rope)."""
-    if _IN_MEMORY.get(model) == "dynamic":
+    if _IN_MEMORY.get(model) == "length":
         return True
     config = text_config(model)
     params = getattr(config, "rope_parameters", None) or {}
@@ -187,12 +187,12 @@ class Plan:
 
     values: dict[str, Any]
     in_memory: dict[str | None, stacking.Frequencies] = field(default_factory=dict)
-    dynamic: dict[str | None, tuple[torch.Tensor, int, float]] = field(default_factory=dict)  # base, context, factor
+    rules: dict[str | None, stacking.LengthRule] = field(default_factory=dict)  # frequencies that follow the length
     stacked: list[str] = field(default_factory=list)  # "<layer type>: <shipped type>" stacked on
 
     @property
     def kind(self) -> str | None:
-        return "dynamic" if self.dynamic else ("static" if self.in_memory else None)
+        return "length" if self.rules else ("static" if self.in_memory else None)
 
 
 def _rope_kwargs(layer_type: str | None) -> dict:
@@ -288,24 +288,17 @@ def _stacked_params(model, config, rotary, params, layer_type, section, plan: Pl
     """rope_parameters of one layer type after stacking ``section`` on its shipped scaling (the shipped ones
     where the result is held in memory, recorded on ``plan``)."""
     current = stacking.current_frequencies(rotary, config, params, layer_type)
-    if section.type == "dynamic":
-        if current.long is not None:
-            raise SpecError("rope type 'dynamic' cannot be stacked on a longrope rope: both change the frequencies "
-                            "with the length at different points; use mode: replace")
-        plan.dynamic[layer_type] = (current.short, context, factor)
+    if section.type == "dynamic" or (section.type == "longrope" and current.long is not None):
+        plan.rules[layer_type] = stacking.length_rule(section, current, context, factor)
         return params
     result = stacking.stacked(section, current, context, factor)
     native = _native_stacked(model, config, rotary, params, layer_type, section, result, context, factor, dim)
     if native is not None:
         return native
-    if result.long is not None:
-        import transformers
-
-        raise SpecError(f"rope type '{section.type}' stacked on this model's {params.get('rope_type')} rope switches "
-                        "frequencies at a length, which only longrope expresses, and longrope does not run on this "
-                        f"model's rotary embedding with transformers {transformers.__version__} (checked by running "
-                        "it); use mode: replace")
-    plan.in_memory[layer_type] = result
+    if result.long is not None:  # a switch that only longrope holds, and longrope does not run here
+        plan.rules[layer_type] = stacking.length_rule(section, current, context, factor)
+    else:
+        plan.in_memory[layer_type] = result
     return params
 
 
@@ -389,46 +382,55 @@ def _set_frequencies(rotary: nn.Module, layer_type: str | None, inv_freq: torch.
         setattr(rotary, f"{prefix}attention_scaling", attention)
 
 
-class _DynamicStacked:
-    """Mixin of a rotary class: dynamic NTK on top of the shipped frequencies, with transformers' caching rule
-    (frequencies of the longest sequence seen; back to the base ones below the context)."""
+class _LengthRuled:
+    """Mixin of a rotary class: the frequencies of a :class:`stacking.LengthRule` per layer type, set before each
+    call, with dynamic NTK's caching as transformers does it (the frequencies of the longest sequence seen
+    beyond the context; back to the base ones below it). Those layer types read as ``default`` to transformers'
+    own update, which would otherwise overwrite them."""
 
-    _hf_longctx_dynamic: dict
+    _hf_longctx_rules: dict
 
     @torch.no_grad()
     def forward(self, x, position_ids, *args, **kwargs):
         layer_type = kwargs.get("layer_type", args[0] if args else None)
-        state = self._hf_longctx_dynamic.get(layer_type)
+        state = self._hf_longctx_rules.get(layer_type)
         if state is not None:
-            length = int(position_ids.max()) + 1
-            base, context, factor = state["base"], state["context"], state["factor"]
-            if length > state["cached"]:
-                _set_frequencies(self, layer_type, base / stacking.dynamic_divisors(base, context, factor, length))
-                state["cached"] = length
-            elif length < context < state["cached"]:
-                _set_frequencies(self, layer_type, base)
-                state["cached"] = context
+            rule, length = state["rule"], int(position_ids.max()) + 1
+            if rule.dynamic:
+                if length > state["cached"]:
+                    state["cached"] = length
+                elif length < rule.context < state["cached"]:
+                    state["cached"] = rule.context
+                if state["cached"] > rule.context:
+                    length = state["cached"]
+            _set_frequencies(self, layer_type, rule.at(length))
         return super().forward(x, position_ids, *args, **kwargs)
 
 
-_DYNAMIC_CLASSES: dict[type, type] = {}
+_RULED_CLASSES: dict[type, type] = {}
 
 
-def _dynamic_class(cls: type) -> type:
-    if cls not in _DYNAMIC_CLASSES:  # same name: the module is found and reported as the family's rotary
-        _DYNAMIC_CLASSES[cls] = type(cls.__name__, (_DynamicStacked, cls), {"__module__": cls.__module__})
-    return _DYNAMIC_CLASSES[cls]
+def _ruled_class(cls: type) -> type:
+    if cls not in _RULED_CLASSES:  # same name: the module is found and reported as the family's rotary
+        _RULED_CLASSES[cls] = type(cls.__name__, (_LengthRuled, cls), {"__module__": cls.__module__})
+    return _RULED_CLASSES[cls]
 
 
 def _hold_in_memory(fresh: dict[str, nn.Module], plan: Plan) -> None:
     for module in fresh.values():
         for layer_type, result in plan.in_memory.items():
             _set_frequencies(module, layer_type, result.short, result.attention)
-        if plan.dynamic:
-            module.__class__ = _dynamic_class(type(module))
-            module._hf_longctx_dynamic = {
-                layer_type: {"base": base, "context": context, "factor": factor, "cached": context}
-                for layer_type, (base, context, factor) in plan.dynamic.items()}
+        if not plan.rules:
+            continue
+        module.__class__ = _ruled_class(type(module))
+        module._hf_longctx_rules = {}
+        for layer_type, rule in plan.rules.items():
+            module._hf_longctx_rules[layer_type] = {"rule": rule, "cached": rule.context}
+            _set_frequencies(module, layer_type, rule.at(1), rule.attention)
+            if layer_type is None:
+                module.rope_type = "default"
+            else:
+                module.rope_type = {**module.rope_type, layer_type: "default"}
 
 
 # ---------------------------------------------------------------- the technique
@@ -536,7 +538,8 @@ def _card(params: dict, model: nn.Module | None = None) -> list[str]:
     if model is None or native(model):
         return []
     return ["- **RoPE:** the scaled rotation has no transformers rope type (a dynamic section stacked on a scaled "
-            "rope, or a per-frequency scaling of a rope type that has no per-frequency form): `config.json` keeps "
+            "rope, a longrope section on a LongRoPE, or a per-frequency scaling of a rope type that has no "
+            "per-frequency form): `config.json` keeps "
             "the original rope, and `hf_longctx.from_pretrained` re-applies the section; plain "
             "`AutoModelForCausalLM.from_pretrained` loads the unscaled model"]
 

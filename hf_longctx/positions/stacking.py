@@ -28,9 +28,10 @@ longrope    ``s_i = short_factor[i]`` up to ``L`` tokens, ``long_factor[i]`` bey
 
 A rope that already switches at its original length (LongRoPE: a short and a long list) gets the same
 ``s`` on both lists, computed from the long list (the frequencies in use at the current context), and its
-switch point moves from ``o`` to ``o * f``; a ``longrope`` or ``dynamic`` section on top of it would need
-two switch points, and is refused. A model with a dynamic rope is refused (its frequencies are a function
-of the length, not a state to stack on).
+switch point moves from ``o`` to ``o * f``. A ``dynamic`` or ``longrope`` section on a LongRoPE keeps the
+shipped switch at ``o`` and adds its own at ``L`` (dynamic NTK on the long list beyond ``L``; the section's
+short list up to ``L``, its long list beyond). A model with a dynamic rope is refused (its frequencies are
+a function of the length, not a state to stack on).
 
 Native form. A static result is one set of frequencies per length regime and one attention factor:
 transformers' ``longrope`` holds exactly that (``short_factor``/``long_factor`` the ratios of the unscaled
@@ -38,7 +39,8 @@ frequencies to the stacked ones, an explicit ``attention_factor``), and linear o
 ``proportional`` is the same type with the factors multiplied. Each candidate is computed with
 transformers' own rope function and used only when it reproduces the stacked frequencies; otherwise (and
 for ``dynamic`` on top) the rotary modules are rebuilt from the shipped config and given the stacked
-frequencies in memory, and ``hf_longctx.from_pretrained`` re-applies the patch after loading.
+frequencies in memory (a :class:`LengthRule` where they follow the length), and
+``hf_longctx.from_pretrained`` re-applies the patch after loading.
 """
 
 from __future__ import annotations
@@ -122,6 +124,39 @@ def dynamic_divisors(inv_freq: torch.Tensor, context: int, factor: float, length
     return torch.where(inv_freq != 0, effective ** exponent, torch.ones_like(exponent))
 
 
+@dataclass(frozen=True)
+class LengthRule:
+    """Frequencies that follow the sequence length where no rope type of transformers holds them: ``dynamic``
+    on a scaled rope, ``longrope`` on a LongRoPE (its switch at the shipped original length and the section's
+    at the current context), both in memory."""
+
+    current: Frequencies
+    context: int
+    factor: float
+    attention: float
+    dynamic: bool = False
+    lists: tuple[torch.Tensor, torch.Tensor] | None = None  # a longrope section's short / long divisors
+
+    def at(self, length: int) -> torch.Tensor:
+        """The frequencies at a sequence of ``length`` tokens (before dynamic NTK's caching of the longest)."""
+        current = self.current
+        base = current.short if current.long is None or length <= current.switch else current.long
+        if self.lists is not None:
+            base = base / (self.lists[0] if length <= self.context else self.lists[1])
+        if self.dynamic and length > self.context:
+            base = base / dynamic_divisors(base, self.context, self.factor, length)
+        return base
+
+
+def length_rule(section, current: Frequencies, context: int, factor: float) -> LengthRule:
+    """The in-memory rule of a ``dynamic`` or ``longrope`` section stacked on ``current``."""
+    if section.type == "dynamic":
+        return LengthRule(current, context, factor, current.attention, dynamic=True)
+    result = stacked(section, Frequencies(torch.ones_like(current.short), 1.0), context, factor)
+    lists = (1.0 / result.short, 1.0 / result.long)
+    return LengthRule(current, context, factor, current.attention * result.attention, lists=lists)
+
+
 def stacked(section, current: Frequencies, context: int, factor: float) -> Frequencies:
     """The frequencies of a static or longrope section stacked on ``current`` (refusals as SpecError)."""
     if section.type in STATIC_TYPES:
@@ -132,8 +167,7 @@ def stacked(section, current: Frequencies, context: int, factor: float) -> Frequ
         return current.divided(s, m, factor)
     if section.type == "longrope":
         if current.long is not None:
-            raise SpecError("rope type 'longrope' cannot be stacked on a longrope rope: the result would switch "
-                            "frequencies at two lengths, which no rope type expresses; use mode: replace")
+            raise ValueError("a longrope section on a LongRoPE is a length rule (length_rule)")
         short = torch.tensor(section.short_factor, dtype=torch.float64)
         long = torch.tensor(section.long_factor, dtype=torch.float64)
         if section.attention_factor is not None:
