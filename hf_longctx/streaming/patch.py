@@ -38,6 +38,7 @@ from ..config_base import SpecError
 from ..families import get_family
 from ..patching import Applied, Technique, Wrap, register_technique
 from .cache import SinkCache
+from .structure import continues_in_chunks
 from .config import StreamingSpec
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ def streaming_forward(
     chunk = prefill_chunk or default_prefill_chunk(cache.window_length)
     room = capacity - max(cache.cached_lengths(), default=0)  # tokens that fit without any eviction
     first = min(length, room if room > 0 else chunk)
+    if not continues_in_chunks(model):  # recurrent layers that continue a state only token by token
+        chunk, first = 1, first if seen == 0 else 1
     sizes = [first] + [min(chunk, length - start) for start in range(first, length, chunk)]
     keep_last_only = isinstance(logits_to_keep, int) and 0 < logits_to_keep <= sizes[-1]
     logits, start, out = [], 0, None
@@ -119,8 +122,9 @@ def _probe(model: nn.Module, section: StreamingSpec) -> None:
     was_training = model.training
     model.eval()
     try:
-        ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)  # a prefill, then decoding steps
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
+        ids = torch.full((1, 2), 3, dtype=torch.long, device=model.device)  # a prefill, then decoding steps
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                       do_sample=False, pad_token_id=0,
                        **{compat.CACHE: SinkCache(section.sink_tokens, section.window, model=model)})
     except Exception as err:  # noqa: BLE001  the model itself rejects the cache
         raise SpecError(f"'streaming' is not supported for model_type '{model.config.model_type}': it does not run "
@@ -136,16 +140,19 @@ def _check(model: nn.Module, section: StreamingSpec, spec) -> None:
     if not model._supports_default_dynamic_cache():
         raise SpecError(f"'streaming' is not supported for model_type '{name}': it keeps a cache of its own")
     config = model.config.get_text_config(decoder=True)
-    other_layers = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
-    if other_layers:
-        raise SpecError(f"'streaming' is not supported for model_type '{name}': its layers of type "
-                        f"{', '.join(sorted(other_layers))} keep a state that a sink cache cannot hold")
     rotary = get_family(model).rotary_embedding(model)
     layer_types = set(getattr(config, "layer_types", None) or ())
     if rotary is not None and not hasattr(rotary, "inv_freq") and not (
             layer_types and all(hasattr(rotary, f"{kind}_inv_freq") for kind in layer_types)):
         raise SpecError(f"'streaming' is not supported for model_type '{name}': its rotary embedding "
                         f"({type(rotary).__name__}) has no inv_freq to re-rotate the cached keys with")
+    try:
+        cache = SinkCache(section.sink_tokens, section.window, model=model)
+    except ValueError as err:  # cache layers it can neither replace nor keep, keys it cannot move exactly
+        raise SpecError(f"'streaming' is not supported for model_type '{name}': {err}") from err
+    if not continues_in_chunks(model):
+        logger.info("streaming: the recurrent layers of model_type '%s' do not continue their state over several "
+                    "tokens as in one pass; inputs that overflow the cache go one token at a time", name)
     _probe(model, section)
     own_window = getattr(config, "sliding_window", None)
     if own_window is not None and own_window <= section.sink_tokens + section.window:
