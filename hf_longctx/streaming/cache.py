@@ -377,7 +377,7 @@ class SinkCache(Cache):
         is no wider (hybrid models' local layers keep exactly their native attention)."""
         index = len(self.layers) if index is None else index
         native = self._native_windows[index] if index < len(self._native_windows) else None
-        layout = self._layouts.get(index, ROTATE_HALF) if self._model_ref is not None else ROTATE_HALF
+        layout = self._layouts.get(index) if self._model_ref is not None else ROTATE_HALF  # bound: as probed
         if native is not None and native <= self.num_sink_tokens + self.window_length:
             layer = SinkCacheLayer(0, native, self._left_padding, layout)
         else:
