@@ -355,8 +355,10 @@ class SinkCache(Cache):
             layer_types = getattr(config, "layer_types", None)
             window = getattr(config, "sliding_window", None)
             self._layer_types = list(layer_types or [None] * config.num_hidden_layers)
-            self._native_windows = [window if kind in (None, "sliding_attention") else None
-                                    for kind in self._layer_types]
+            # a chunked layer (Llama 4) sees at most its chunk: a window cache of that size, under its own mask
+            native = {None: window, "sliding_attention": window,
+                      "chunked_attention": getattr(config, "attention_chunk_size", None)}
+            self._native_windows = [native.get(kind) for kind in self._layer_types]
             self._layouts = rotary_layouts(model, self._inv_freq())
             if self.get_seq_length() == 0:
                 self._build_layers()

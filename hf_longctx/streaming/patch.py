@@ -146,6 +146,14 @@ def _check(model: nn.Module, section: StreamingSpec, spec) -> None:
             layer_types and all(hasattr(rotary, f"{kind}_inv_freq") for kind in layer_types)):
         raise SpecError(f"'streaming' is not supported for model_type '{name}': its rotary embedding "
                         f"({type(rotary).__name__}) has no inv_freq to re-rotate the cached keys with")
+    chunk = getattr(config, "attention_chunk_size", None)
+    if "chunked_attention" in (getattr(config, "layer_types", None) or ()) and chunk is not None and (
+            chunk > section.sink_tokens + section.window):
+        raise SpecError(f"'streaming' is not supported for model_type '{name}' with {section.sink_tokens} sinks + "
+                        f"a window of {section.window}: its chunked_attention layers attend within chunks of "
+                        f"{chunk} tokens, and a chunk mask over fewer cached tokens would take the sinks for "
+                        f"tokens of the current chunk; a window of at least {chunk - section.sink_tokens} keeps "
+                        "those layers exact (their own chunk, no sinks)")
     try:
         cache = SinkCache(section.sink_tokens, section.window, model=model)
     except ValueError as err:  # cache layers it can neither replace nor keep, keys it cannot move exactly
