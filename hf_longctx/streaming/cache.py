@@ -348,8 +348,7 @@ class SinkCache(Cache):
             get_family(model)
             unsupported = unsupported_layers(model)
             if unsupported:
-                raise ValueError("a sink cache cannot hold the cache layers " + ", ".join(
-                    f"{name} (layers {indices})" for name, indices in unsupported.items()))
+                raise ValueError("a sink cache cannot stand in for " + "; ".join(unsupported))
             self._model_ref = weakref.ref(model)
             config = model.config.get_text_config(decoder=True)
             layer_types = getattr(config, "layer_types", None)

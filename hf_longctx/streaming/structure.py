@@ -51,13 +51,21 @@ def is_kept_layer(layer) -> bool:
     return recurrent or _is_dummy(layer)
 
 
-def unsupported_layers(model: nn.Module) -> dict[str, list[int]]:
-    """Cache-layer class name -> indices of the layers a sink cache can neither replace nor keep."""
-    found: dict[str, list[int]] = {}
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """What the layers a sink cache can neither replace nor keep are, one line per cache-layer class."""
+    found: dict[type, list[int]] = {}
     for index, layer in enumerate(default_layers(model)):
         if not is_attention_layer(layer) and not is_kept_layer(layer):
-            found.setdefault(type(layer).__name__, []).append(index)
-    return found
+            found.setdefault(type(layer), []).append(index)
+    return [f"{cls.__name__} (layers {indices}): it {_why(cls)}" for cls, indices in found.items()]
+
+
+def _why(cls: type) -> str:
+    if issubclass(cls, _RECURRENT):
+        return "holds attention keys and a recurrent state in one cache layer"
+    if hasattr(cls, "update_indexer"):
+        return "also caches an indexer key per token, which grows with the stream"
+    return "is not an attention cache layer"
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, dict[int, RotaryLayout | None]]" = weakref.WeakKeyDictionary()
