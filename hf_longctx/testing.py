@@ -60,10 +60,11 @@ _FAMILY_SIZES: dict[str, dict[str, Any]] = {
     # the last layer reuses the cache of an earlier one of its type
     "gemma3n_text": dict(num_hidden_layers=3, num_kv_shared_layers=1, intermediate_size=[128] * 3,
                          vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
-    # moe_layers lists layer indices, not one value per layer; the chunked layer really chunks 16 positions
+    # moe_layers lists layer indices, not one value per layer; chunks of 8 so that the matrix's inputs cross them
     "llama4_text": dict(num_hidden_layers=2, moe_layers=[1], no_rope_layers=[1, 0],
                         layer_types=["chunked_attention", "full_attention"], attention_chunk_size=8),
 }
+_FAMILY_SIZES["llama4"] = _FAMILY_SIZES["llama4_text"]  # its text decoder (the causal LM of the pair)
 # A tower beside the text model (vision, audio) only has to exist: one narrow layer.
 _TOWER_SIZES: dict[str, Any] = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,

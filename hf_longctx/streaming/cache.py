@@ -331,6 +331,7 @@ class SinkCache(Cache):
         self._native_windows: list[int | None] = []  # per layer of the bound model (None: full attention)
         self._layer_types: list[str | None] = []
         self._layouts: dict[int, RotaryLayout | None] = {}  # per attention layer of the bound model
+        self._first_attention = 0  # index of the first sink layer: each forward's first update
         self._step_inv_freq: dict[str | None, torch.Tensor | None] = {}
         self._step_start = 0
         if model is not None:
@@ -372,6 +373,7 @@ class SinkCache(Cache):
         model = self._model_ref()
         self.layers = [self._new_layer(index) if is_attention_layer(layer) else layer
                        for index, layer in enumerate(default_layers(model))]
+        self._first_attention = next((i for i, layer in enumerate(self.layers) if isinstance(layer, SinkCacheLayer)), 0)
 
     def _new_layer(self, index: int | None = None) -> SinkCacheLayer:
         """Layer ``index`` (default: the next one): sinks + window, or the layer's own native window where that
@@ -394,7 +396,7 @@ class SinkCache(Cache):
         if self._model_ref is not None and self._model_ref() is not None:
             self._build_layers()
         else:
-            self.layers = []
+            self.layers, self._first_attention = [], 0
 
     def _sink_layers(self) -> list[SinkCacheLayer]:
         return [layer for layer in self.layers if isinstance(layer, SinkCacheLayer)]
@@ -423,8 +425,7 @@ class SinkCache(Cache):
                 for kind in set(self._layer_types) or {None}}
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        first = next((i for i, layer in enumerate(self.layers) if isinstance(layer, SinkCacheLayer)), 0)
-        if layer_idx == first:  # once per forward, before any layer moved: the rotary embedding has run
+        if layer_idx == self._first_attention:  # once per forward, before any layer moved: the rotary embedding ran
             self._step_inv_freq = self._inv_freq()
             num_new = key_states.shape[-2]
             self._step_start = self.kept_length(num_new) if self.position_frame == "cache" else self.get_seq_length()
