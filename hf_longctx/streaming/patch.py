@@ -21,7 +21,12 @@ Native windows (Mistral, and the local layers of hybrid models: Gemma 2/3, gpt-o
 ``max_window_layers``): a layer whose native sliding window is no wider than ``S + W`` keeps it,
 without sinks, in a cache of its own window (the model's own sliding mask applies); the other
 layers keep the sinks and the recent window. Every layer's keys end right before the new tokens,
-so local layers see their true distances.
+so local layers see their true distances. Llama 4's chunked layers keep their chunk the same way.
+
+Hybrid models: the recurrent layers (linear attention, Mamba, convolutions) keep transformers' own
+state, which every token enters (:mod:`.structure`). Where they do not continue that state over
+several tokens as in one pass (checked once on the model's own cache), the chunks after the first
+pass are single tokens.
 """
 
 from __future__ import annotations
