@@ -106,8 +106,6 @@ def _error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 def _find_layouts(model: nn.Module, inv_freq: dict) -> dict[int, RotaryLayout | None]:
     family = get_family(model)
-    if family.rotary_embedding(model) is None or not inv_freq:
-        return {}
     config = text_config(model)
     kinds = list(getattr(config, "layer_types", None) or [None] * config.num_hidden_layers)
     nope = set(family.nope_layers(model))
@@ -116,6 +114,9 @@ def _find_layouts(model: nn.Module, inv_freq: dict) -> dict[int, RotaryLayout | 
     try:
         ids = (torch.arange(PROBE_TOKENS, device=model.device) % max(1, config.vocab_size - 3) + 3)[None]
         before, after = _capture(model, ids, 0), _capture(model, ids, PROBE_SHIFT)
+    except Exception as err:  # noqa: BLE001  the model itself does not run so: no layout can be verified
+        raise ValueError(f"its rotary layout cannot be checked: the model does not run on {PROBE_TOKENS} tokens "
+                         f"with its own cache at given positions ({type(err).__name__}: {err})") from err
     finally:
         model.train(was_training)
     dtype = next(iter(before.values()))[0].dtype if before else torch.float32
@@ -132,6 +133,9 @@ def _layout_of(index, before, after, inv_freq, tolerance: float) -> RotaryLayout
     unchanged = max(_error(before[0], after[0]), _error(before[1], after[1]))
     if unchanged <= tolerance:
         return None
+    if inv_freq is None:
+        raise ValueError(f"layer {index}'s cache entries depend on their positions but no rotary embedding with "
+                         "inv_freq was found to move them with")
     rotary = 2 * inv_freq.shape[-1]
     angles = (PROBE_SHIFT * inv_freq.double())[None, None].expand(1, before[0].shape[-2], -1)
     best = (unchanged, None)
