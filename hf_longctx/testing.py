@@ -43,7 +43,28 @@ _EXTRA_SIZES: dict[str, Any] = dict(
     qk_nope_head_dim=8,
     v_head_dim=16,
     rotary_dim=8,
+    mamba_n_heads=8,  # Mamba-2 mixers of hybrid models: 8 heads of 16 = expand 2 x hidden 64
+    mamba_d_head=16,
+    mamba_d_ssm=128,
+    mamba_d_state=16,
+    mamba_chunk_size=16,
+    intermediate_size_mlp=128,
+    laurel_rank=8,
 )
+# Where a model type's layer pattern is not a per-layer list (or is one that the sampling misreads), the layers
+# that give its tiny model one layer of each kind, and sizes of keys only it has.
+_FAMILY_SIZES: dict[str, dict[str, Any]] = {
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "bamba": dict(attn_layer_indices=[1]),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], shared_intermediate_size=32),
+    # the last layer reuses the cache of an earlier one of its type
+    "gemma3n_text": dict(num_hidden_layers=3, num_kv_shared_layers=1, intermediate_size=[128] * 3,
+                         vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
+    # moe_layers lists layer indices, not one value per layer; chunks of 8 so that the matrix's inputs cross them
+    "llama4_text": dict(num_hidden_layers=2, moe_layers=[1], no_rope_layers=[1, 0],
+                        layer_types=["chunked_attention", "full_attention"], attention_chunk_size=8),
+}
+_FAMILY_SIZES["llama4"] = _FAMILY_SIZES["llama4_text"]  # its text decoder (the causal LM of the pair)
 # A tower beside the text model (vision, audio) only has to exist: one narrow layer.
 _TOWER_SIZES: dict[str, Any] = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
@@ -81,6 +102,7 @@ def tiny_config(model_type: str, **overrides: Any):
     text model (vision, audio) one narrow layer. ``overrides`` go to the text config last."""
     from transformers import CONFIG_MAPPING
 
+    overrides = {**_FAMILY_SIZES.get(model_type, {}), **overrides}
     config_class = CONFIG_MAPPING[model_type]
     defaults = config_class().to_dict()
     text_key = next((k for k in ("text_config", "language_config", "llm_config") if isinstance(defaults.get(k), dict)),

@@ -227,6 +227,11 @@ def attention_cache(model: nn.Module, section: AttentionSpec) -> Cache:
 
 
 def _check(model: nn.Module, section: AttentionSpec, spec) -> None:
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or ()
+    if "chunked_attention" in layer_types:  # Llama 4: its mask keeps each query inside its chunk of the input
+        raise SpecError(f"'attention' is not supported for model_type '{model.config.model_type}': its layers of "
+                        "type chunked_attention attend within fixed chunks of the input, which the patched "
+                        "attention's causal or sliding mask does not reproduce")
     if section.learnable_sinks:
         for attn in get_family(model).attention_modules(model):
             if hasattr(attn, SINKS_PARAM):

@@ -42,7 +42,6 @@ seen so far, as ``generate`` does.
 from __future__ import annotations
 
 import weakref
-from functools import partial
 from typing import Literal
 
 import torch
@@ -50,46 +49,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..families import get_family
-
-
-def rotate_keys(keys: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate the rotary part of ``keys`` by ``angles`` (rotate-half convention of transformers).
-
-    keys: ``[B, H, N, D]``; angles: ``[B, N, R/2]`` (radians, any float dtype; ``B`` may be 1) where
-    ``R <= D`` is the rotary dimension; dims ``R..D`` pass through. cos/sin are taken in the dtype of
-    ``angles``, the rotation is computed in float32 and returned in ``keys.dtype``.
-    """
-    half = angles.shape[-1]
-    cos, sin = angles.cos().float()[:, None], angles.sin().float()[:, None]
-    x = keys.float()
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half :]], dim=-1)
-    return rotated.to(keys.dtype)
-
-
-def shift_factors(inv_freq: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotation by ``delta`` positions as ``(cos - 1 [R], sin [R/2])`` of ``delta * inv_freq``.
-
-    Computed in float64, returned in float32. ``cos - 1`` is formed as ``-2 sin^2(angle / 2)`` and
-    applied as ``x + ((cos - 1) x - sin x')`` (:func:`shift_keys_`): the rounding is then relative
-    to the small change, not to ``x``, so a key shifted by one position thousands of times stays as
-    close to the exact rotation as float32 RoPE computed from scratch (``cos``/``sin`` stored
-    as such would drift about four times further, see ``tests/test_streaming.py``).
-    """
-    angle = delta * inv_freq.double()
-    cos_minus_one = (-2 * (angle / 2).sin().square()).float()
-    return torch.cat([cos_minus_one, cos_minus_one]), angle.sin().float()
-
-
-def shift_keys_(keys: torch.Tensor, cos_minus_one: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate the rotary part of ``keys`` ``[B, H, N, D]`` in place by the angles of :func:`shift_factors`
-    (the same for every key); computed in float32, stored in ``keys.dtype``."""
-    half = sin.shape[-1]
-    rotary = keys[..., : 2 * half]
-    change = rotary * cos_minus_one
-    change[..., :half].addcmul_(rotary[..., half:], sin, value=-1)
-    change[..., half:].addcmul_(rotary[..., :half], sin)
-    rotary.add_(change)
+from .rotation import ROTATE_HALF, RotaryLayout, rotate_keys, shift_factors, shift_keys_
 
 
 class SinkCacheLayer(CacheLayerMixin):
@@ -97,9 +57,10 @@ class SinkCacheLayer(CacheLayerMixin):
 
     Storage: ``key_buffer``/``value_buffer`` ``[B, H, capacity, D]`` hold the live slots
     ``start .. start + length``, exposed as the views ``keys``/``values`` ``[B, H, length, D]``
-    (rotated keys). The key in live slot ``i`` is rotated at position ``offset + i`` (every row)
-    with the frequencies ``inv_freq``. ``pads``: ``[B]`` leading pad slots per row; ``seen``:
-    tokens added so far.
+    (what the model passes to ``Cache.update``). ``layout`` says where the rotated part of the keys
+    is (:class:`RotaryLayout`; None: the layer applies no rotation, nothing is ever re-rotated). The
+    key in live slot ``i`` is rotated at position ``offset + i`` (every row) with the frequencies
+    ``inv_freq``. ``pads``: ``[B]`` leading pad slots per row; ``seen``: tokens added so far.
 
     A step's cost does not grow with the stream: eviction drops the oldest window tokens by
     advancing ``start`` (the ``S`` sinks are copied up behind them), new tokens are written into
@@ -113,11 +74,18 @@ class SinkCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, num_sink_tokens: int, window_length: int, left_padding: torch.Tensor | None = None):
+    def __init__(
+        self,
+        num_sink_tokens: int,
+        window_length: int,
+        left_padding: torch.Tensor | None = None,
+        layout: RotaryLayout | None = ROTATE_HALF,
+    ):
         super().__init__()
         self.num_sink_tokens = num_sink_tokens
         self.window_length = window_length
         self.left_padding = left_padding
+        self.layout = layout
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
         self.start = self.length = self.offset = self.seen = 0
@@ -199,18 +167,21 @@ class SinkCacheLayer(CacheLayerMixin):
 
     def _shift(self, lo: int, hi: int, delta: int, inv_freq: torch.Tensor | None) -> None:
         """Move the keys in live slots ``lo..hi`` by ``delta`` positions (in place)."""
-        if delta == 0 or hi <= lo:
+        if delta == 0 or hi <= lo or self.layout is None:
             return
         if inv_freq is None:
             raise _unbound_error()
         factors = self._shifts.get(delta)
         if factors is None:
             factors = self._shifts[delta] = shift_factors(inv_freq, delta)
-        shift_keys_(self.key_buffer[:, :, self.start + lo : self.start + hi], *factors)
+        buffer = self.key_buffer if self.layout.tensor == "keys" else self.value_buffer
+        shift_keys_(buffer[:, :, self.start + lo : self.start + hi], *factors, layout=self.layout)
 
     def _rotate_each_key(self, old_positions: torch.Tensor, target_offset: int, inv_freq: torch.Tensor | None) -> None:
         """Rotate every live key from ``old_positions`` ``[B, n]`` (with the frequencies ``self.inv_freq``) to
         ``target_offset + slot`` (with ``inv_freq``)."""
+        if self.layout is None:
+            return
         target = torch.arange(target_offset, target_offset + self.length, device=self.device)
         if inv_freq is None:
             if bool((old_positions != target).any()):
@@ -218,7 +189,8 @@ class SinkCacheLayer(CacheLayerMixin):
             return
         old_freq = self.inv_freq if self.inv_freq is not None else inv_freq
         angles = target[:, None].double() * inv_freq.double() - old_positions[..., None].double() * old_freq.double()
-        self.keys.copy_(rotate_keys(self.keys, angles))
+        rotated = self.keys if self.layout.tensor == "keys" else self.values
+        rotated.copy_(rotate_keys(rotated, angles, self.layout))
 
     def _evict_window(self, sinks: int, drop: int) -> None:
         """Drop the ``drop`` oldest tokens after the sinks: the sinks move up behind the window."""
@@ -333,6 +305,13 @@ class SinkCache(Cache):
         model: the model whose rotary embedding re-rotates the kept keys. Not needed once the
             model is patched for streaming (the patch binds it).
 
+    Bound to a model, the cache has the layers of the model's own default cache with each attention
+    layer replaced by a :class:`SinkCacheLayer`: the recurrent states of linear-attention, SSM and
+    convolution layers of hybrid models stay transformers' own (fixed size, every token of the stream
+    enters them), and each attention layer re-rotates the part of its cache that holds rotated keys
+    (the rotated ``k_pe`` of multi-head latent attention; see :mod:`hf_longctx.streaming.structure`).
+    Unbound, every layer is a :class:`SinkCacheLayer`.
+
     Use it as ``model.generate(ids, past_key_values=SinkCache(4, 1020, model=model))`` (or
     ``cache=``) or in a loop of ``model(ids, cache=cache)``. See the module docstring for the
     position frames and left padding.
@@ -351,36 +330,61 @@ class SinkCache(Cache):
         self._left_padding: torch.Tensor | None = None
         self._native_windows: list[int | None] = []  # per layer of the bound model (None: full attention)
         self._layer_types: list[str | None] = []
+        self._layouts: dict[int, RotaryLayout | None] = {}  # per attention layer of the bound model
+        self._first_attention = 0  # index of the first sink layer: each forward's first update
         self._step_inv_freq: dict[str | None, torch.Tensor | None] = {}
         self._step_start = 0
         if model is not None:
             self.bind(model)
 
     def bind(self, model: nn.Module, position_frame: Literal["absolute", "cache"] | None = None) -> "SinkCache":
-        """Use ``model``'s rotary embedding (looked up on each update) and its layers' native windows;
-        optionally set the position frame."""
+        """Use ``model``'s rotary embedding (looked up on each update), its layers' native windows and the
+        structure of its own cache; optionally set the position frame.
+
+        Raises ValueError when the model's cache has layers a sink cache can neither replace nor keep, or
+        cached keys it cannot move exactly (the streaming patch refuses such models up front)."""
         if self._model_ref is None or self._model_ref() is not model:
+            from .structure import rotary_layouts, unsupported_layers
+
             get_family(model)
+            unsupported = unsupported_layers(model)
+            if unsupported:
+                raise ValueError("a sink cache cannot stand in for " + "; ".join(unsupported))
             self._model_ref = weakref.ref(model)
             config = model.config.get_text_config(decoder=True)
             layer_types = getattr(config, "layer_types", None)
             window = getattr(config, "sliding_window", None)
             self._layer_types = list(layer_types or [None] * config.num_hidden_layers)
-            self._native_windows = [window if kind in (None, "sliding_attention") else None
-                                    for kind in self._layer_types]
+            # a chunked layer (Llama 4) sees at most its chunk: a window cache of that size, under its own mask
+            native = {None: window, "sliding_attention": window,
+                      "chunked_attention": getattr(config, "attention_chunk_size", None)}
+            self._native_windows = [native.get(kind) for kind in self._layer_types]
+            self._layouts = rotary_layouts(model, self._inv_freq())
+            if self.get_seq_length() == 0:
+                self._build_layers()
         if position_frame is not None:
             self.position_frame = position_frame
         return self
 
-    def _new_layer(self) -> SinkCacheLayer:
-        """The next layer: sinks + window, or the layer's own native window where that is no wider
-        (hybrid models' local layers keep exactly their native attention)."""
-        index = len(self.layers)
+    def _build_layers(self) -> None:
+        """The bound model's default cache layers, each attention layer replaced by a sink layer."""
+        from .structure import default_layers, is_attention_layer
+
+        model = self._model_ref()
+        self.layers = [self._new_layer(index) if is_attention_layer(layer) else layer
+                       for index, layer in enumerate(default_layers(model))]
+        self._first_attention = next((i for i, layer in enumerate(self.layers) if isinstance(layer, SinkCacheLayer)), 0)
+
+    def _new_layer(self, index: int | None = None) -> SinkCacheLayer:
+        """Layer ``index`` (default: the next one): sinks + window, or the layer's own native window where that
+        is no wider (hybrid models' local layers keep exactly their native attention)."""
+        index = len(self.layers) if index is None else index
         native = self._native_windows[index] if index < len(self._native_windows) else None
+        layout = self._layouts.get(index) if self._model_ref is not None else ROTATE_HALF  # bound: as probed
         if native is not None and native <= self.num_sink_tokens + self.window_length:
-            layer = SinkCacheLayer(0, native, self._left_padding)
+            layer = SinkCacheLayer(0, native, self._left_padding, layout)
         else:
-            layer = SinkCacheLayer(self.num_sink_tokens, self.window_length, self._left_padding)
+            layer = SinkCacheLayer(self.num_sink_tokens, self.window_length, self._left_padding, layout)
         layer.is_sliding = native is not None  # transformers builds each mask type from a layer of that type
         return layer
 
@@ -389,12 +393,26 @@ class SinkCache(Cache):
         if self.get_seq_length() > 0:
             raise ValueError("set_left_padding must be called before the first update of the cache")
         self._left_padding = pad_counts.detach().to(torch.long)
-        self.layers = []
+        if self._model_ref is not None and self._model_ref() is not None:
+            self._build_layers()
+        else:
+            self.layers, self._first_attention = [], 0
+
+    def _sink_layers(self) -> list[SinkCacheLayer]:
+        return [layer for layer in self.layers if isinstance(layer, SinkCacheLayer)]
 
     def kept_length(self, num_new_tokens: int) -> int:
         """Cached tokens that a step of ``num_new_tokens`` tokens attends to in the layers that keep the most
         (position of its first token in the ``"cache"`` frame)."""
-        return max((layer.kept_length(num_new_tokens) for layer in self.layers), default=0)
+        return max((layer.kept_length(num_new_tokens) for layer in self._sink_layers()), default=0)
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """Tokens seen so far by the attention layers (what ``generate`` and default ``position_ids`` expect),
+        not the cached count; recurrent layers of hybrid models count no tokens of their own here."""
+        layers = self.layers
+        if layer_idx is not None and layer_idx < len(layers) and isinstance(layers[layer_idx], SinkCacheLayer):
+            return layers[layer_idx].seen
+        return next((layer.seen for layer in self._sink_layers()), 0)
 
     def _inv_freq(self) -> dict[str | None, torch.Tensor | None]:
         """Layer type -> the rotary frequencies of the layers of that type (one rotary per type, as in
@@ -407,7 +425,7 @@ class SinkCache(Cache):
                 for kind in set(self._layer_types) or {None}}
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if layer_idx == 0:  # once per forward, before any layer moved: the rotary embedding has run
+        if layer_idx == self._first_attention:  # once per forward, before any layer moved: the rotary embedding ran
             self._step_inv_freq = self._inv_freq()
             num_new = key_states.shape[-2]
             self._step_start = self.kept_length(num_new) if self.position_frame == "cache" else self.get_seq_length()
@@ -422,5 +440,5 @@ class SinkCache(Cache):
         )
 
     def cached_lengths(self) -> list[int]:
-        """Number of key slots currently held by each layer."""
-        return [layer.length for layer in self.layers]
+        """Number of key slots currently held by each attention layer (recurrent layers hold none)."""
+        return [layer.length for layer in self._sink_layers()]

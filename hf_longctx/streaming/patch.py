@@ -21,7 +21,12 @@ Native windows (Mistral, and the local layers of hybrid models: Gemma 2/3, gpt-o
 ``max_window_layers``): a layer whose native sliding window is no wider than ``S + W`` keeps it,
 without sinks, in a cache of its own window (the model's own sliding mask applies); the other
 layers keep the sinks and the recent window. Every layer's keys end right before the new tokens,
-so local layers see their true distances.
+so local layers see their true distances. Llama 4's chunked layers keep their chunk the same way.
+
+Hybrid models: the recurrent layers (linear attention, Mamba, convolutions) keep transformers' own
+state, which every token enters (:mod:`.structure`). Where they do not continue that state over
+several tokens as in one pass (checked once on the model's own cache), the chunks after the first
+pass are single tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ..config_base import SpecError
 from ..families import get_family
 from ..patching import Applied, Technique, Wrap, register_technique
 from .cache import SinkCache
+from .structure import continues_in_chunks
 from .config import StreamingSpec
 
 logger = logging.getLogger(__name__)
@@ -86,6 +92,8 @@ def streaming_forward(
     chunk = prefill_chunk or default_prefill_chunk(cache.window_length)
     room = capacity - max(cache.cached_lengths(), default=0)  # tokens that fit without any eviction
     first = min(length, room if room > 0 else chunk)
+    if not continues_in_chunks(model):  # recurrent layers that continue a state only token by token
+        chunk, first = 1, first if seen == 0 else 1
     sizes = [first] + [min(chunk, length - start) for start in range(first, length, chunk)]
     keep_last_only = isinstance(logits_to_keep, int) and 0 < logits_to_keep <= sizes[-1]
     logits, start, out = [], 0, None
@@ -119,8 +127,9 @@ def _probe(model: nn.Module, section: StreamingSpec) -> None:
     was_training = model.training
     model.eval()
     try:
-        ids = torch.zeros(1, 2, dtype=torch.long, device=model.device)  # a prefill, then decoding steps
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
+        ids = torch.full((1, 2), 3, dtype=torch.long, device=model.device)  # a prefill, then decoding steps
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                       do_sample=False, pad_token_id=0,
                        **{compat.CACHE: SinkCache(section.sink_tokens, section.window, model=model)})
     except Exception as err:  # noqa: BLE001  the model itself rejects the cache
         raise SpecError(f"'streaming' is not supported for model_type '{model.config.model_type}': it does not run "
@@ -136,16 +145,27 @@ def _check(model: nn.Module, section: StreamingSpec, spec) -> None:
     if not model._supports_default_dynamic_cache():
         raise SpecError(f"'streaming' is not supported for model_type '{name}': it keeps a cache of its own")
     config = model.config.get_text_config(decoder=True)
-    other_layers = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
-    if other_layers:
-        raise SpecError(f"'streaming' is not supported for model_type '{name}': its layers of type "
-                        f"{', '.join(sorted(other_layers))} keep a state that a sink cache cannot hold")
     rotary = get_family(model).rotary_embedding(model)
     layer_types = set(getattr(config, "layer_types", None) or ())
     if rotary is not None and not hasattr(rotary, "inv_freq") and not (
             layer_types and all(hasattr(rotary, f"{kind}_inv_freq") for kind in layer_types)):
         raise SpecError(f"'streaming' is not supported for model_type '{name}': its rotary embedding "
                         f"({type(rotary).__name__}) has no inv_freq to re-rotate the cached keys with")
+    chunk = getattr(config, "attention_chunk_size", None)
+    if "chunked_attention" in (getattr(config, "layer_types", None) or ()) and chunk is not None and (
+            chunk > section.sink_tokens + section.window):
+        raise SpecError(f"'streaming' is not supported for model_type '{name}' with {section.sink_tokens} sinks + "
+                        f"a window of {section.window}: its chunked_attention layers attend within chunks of "
+                        f"{chunk} tokens, and a chunk mask over fewer cached tokens would take the sinks for "
+                        f"tokens of the current chunk; a window of at least {chunk - section.sink_tokens} keeps "
+                        "those layers exact (their own chunk, no sinks)")
+    try:
+        cache = SinkCache(section.sink_tokens, section.window, model=model)
+    except ValueError as err:  # cache layers it can neither replace nor keep, keys it cannot move exactly
+        raise SpecError(f"'streaming' is not supported for model_type '{name}': {err}") from err
+    if not continues_in_chunks(model):
+        logger.info("streaming: the recurrent layers of model_type '%s' do not continue their state over several "
+                    "tokens as in one pass; inputs that overflow the cache go one token at a time", name)
     _probe(model, section)
     own_window = getattr(config, "sliding_window", None)
     if own_window is not None and own_window <= section.sink_tokens + section.window:
