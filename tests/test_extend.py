@@ -85,12 +85,13 @@ def close(a, b, tol=1e-4):
     return ((a - b).abs().max() / b.abs().max()).item() <= tol
 
 
-@pytest.fixture(params=["single_pass", "blocked"])
+@pytest.fixture(params=["single_pass", "blocks_of_7", "blocks_of_2"])
 def path(request, monkeypatch):
-    """Both forms of the attention: one softmax over all keys, and passes in blocks merged by log-sum-exp."""
-    if request.param == "blocked":
+    """Both forms of the attention: one softmax over all keys, and passes in blocks merged by log-sum-exp
+    (blocks wider than the window: masked tiles; narrower: causal, anticausal and full tiles)."""
+    if request.param != "single_pass":
         monkeypatch.setattr(extend_attention, "_SINGLE_PASS_ELEMENTS", 0)
-        monkeypatch.setattr(extend_attention, "BLOCK_SIZE", 7)  # several blocks, the last one short
+        monkeypatch.setattr(extend_attention, "BLOCK_SIZE", int(request.param.rsplit("_", 1)[1]))
     return request.param
 
 

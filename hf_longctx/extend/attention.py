@@ -24,6 +24,7 @@ consecutive (packed documents).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .rules import Pass
@@ -51,14 +52,30 @@ def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _merge(out, lse, part_out, part_lse):
-    """Merge two softmax attentions over disjoint keys by their log-sum-exps (-inf: no key)."""
-    top = torch.maximum(lse, part_lse)
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    w, w_part = torch.exp(lse - top), torch.exp(part_lse - top)
-    total = w + w_part
-    merged = (out * w[..., None] + part_out * w_part[..., None]) / torch.where(total > 0, total, 1)[..., None]
-    return merged, top + torch.log(total)
+def _attend_with_lse(q, k, v, bias, scaling, causal=False):
+    """(out ``[B, H, n, D]``, log-sum-exp ``[B, H, n]``) of q over k/v with an additive ``bias`` (or ``causal``:
+    row r sees keys 0..r of a square tile); torch's fused flash kernel on the CPU (it skips the tiles a causal
+    mask hides), matmul + softmax elsewhere (one block of rows: O(n x m))."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
+                                                                         scale=scaling)[:2]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    elif bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None]).to(v.dtype)
+    return torch.matmul(probs, v), lse.to(q.dtype)
+
+
+def _attend_tile(q, k, v, kind, bias, scaling):
+    """One tile of a pass: ``full`` (every key), ``causal`` (square, row r owns keys 0..r), ``anticausal``
+    (square, row r owns keys r..n-1: the causal tile read backwards) or ``masked`` (``bias``)."""
+    if kind == "anticausal":
+        out, lse = _attend_with_lse(q.flip(2), k.flip(2), v.flip(2), None, scaling, causal=True)
+        return out.flip(2), lse.flip(2)
+    return _attend_with_lse(q, k, v, bias, scaling, causal=kind == "causal")
 
 
 def _owned(rule: Pass, q_pos, k_pos, key_valid):
@@ -71,42 +88,77 @@ def _owned(rule: Pass, q_pos, k_pos, key_valid):
     return mask[:, None]
 
 
-def _attend_with_lse(q, k, v, bias, scaling):
-    """(out ``[B, H, n, D]``, log-sum-exp ``[B, H, n]``) of q over k/v with an additive ``bias``; torch's fused
-    flash kernel on the CPU, matmul + softmax elsewhere (one block of rows: O(n x m))."""
-    if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
-                                                                         scale=scaling)[:2]
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling + bias
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None]).to(v.dtype)
-    return torch.matmul(probs, v), lse.to(q.dtype)
+def _steps_by_one(x: np.ndarray) -> bool:
+    """Whether every row of ``x`` ``[B, n]`` is the same ``x0, x0 + 1, ..., x0 + n - 1`` with ``x0 >= 0``."""
+    return bool(x[0, 0] >= 0 and (x == x[0, 0] + np.arange(x.shape[1])).all())
+
+
+def _key_spans(lo: np.ndarray, hi: np.ndarray, num_keys: int, valid: np.ndarray | None):
+    """Tiles ``(start, end, kind)`` that hold every key a block of query rows owns, from the rows' inclusive
+    owned ranges ``lo``/``hi`` ``[B, n]`` (key indices, nondecreasing down the rows).
+
+    Keys every row owns go as one ``full`` tile; the edges, where the rows' ranges begin and end, as a
+    ``causal`` / ``anticausal`` square when the range moves by one key per row (a window, a causal diagonal),
+    else ``masked``. Padding (``valid`` ``[B, M]`` with a False) makes every tile ``masked``.
+    """
+    start, end = max(0, int(lo.min())), min(num_keys, int(hi.max()) + 1)
+    if end <= start:
+        return []
+    left_end = min(max(start, int(lo.max()) + 1), end)
+    right_start = min(max(left_end, int(hi.min())), end)
+    padded = valid is not None and not valid[:, start:end].all()
+    n = lo.shape[1]
+    left = "anticausal" if left_end - start == n and _steps_by_one(lo) else "masked"
+    right = "causal" if end - right_start == n and _steps_by_one(hi) and int(lo.max()) <= right_start else "masked"
+    if padded or int(lo.max()) >= int(hi.min()):  # a block wider than the rows' ranges: no key owned by all
+        return [(start, end, "masked")]
+    spans = [(start, left_end, left if int(lo.min()) >= 0 else "masked"), (left_end, right_start, "full"),
+             (right_start, end, right)]
+    return [span for span in spans if span[1] > span[0]]
 
 
 def _blocked(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling, block_size):
+    """The passes in blocks of query rows. The owned key ranges and the edge masks are computed with numpy:
+    many small torch calls cost more than their work on a busy CPU, where each waits for its threads."""
     b, hq, n, d = query.shape
     groups = hq // key.shape[1]
-    out = query.new_zeros(b, hq, n, d)
-    lse = query.new_full((b, hq, n), float("-inf"))
+    num_keys = key.shape[2]
     first_key = k_pos[:, :1]  # index of position p in row b: p - first_key[b]
+    valid = None if key_valid is None else key_valid.cpu().numpy()
+    prepared = []
     for rule in rules:
-        q_rule = _moved(query, q_pos, rule.query, inv_freq)
-        k_rule = _expand_heads(_moved(key, k_pos, rule.key, inv_freq), groups)
-        v_rule = _expand_heads(value, groups)
-        for r0 in range(0, n, block_size):
-            r1 = min(n, r0 + block_size)
-            lo, hi = rule.keys(q_pos[:, r0:r1])
-            start = max(0, int((lo - first_key).min()))
-            end = min(key.shape[2], int((hi - first_key).max()) + 1)
-            if end <= start:
-                continue
-            mask = _owned(rule, q_pos[:, r0:r1], k_pos[:, start:end], None if key_valid is None
-                          else key_valid[:, start:end])
-            bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
-            part, part_lse = _attend_with_lse(q_rule[:, :, r0:r1], k_rule[:, :, start:end], v_rule[:, :, start:end],
-                                              bias, scaling)
-            part_lse = part_lse.masked_fill(~mask.any(-1), float("-inf"))  # the kernel gives 0 for rows without keys
-            out[:, :, r0:r1], lse[:, :, r0:r1] = _merge(out[:, :, r0:r1], lse[:, :, r0:r1], part, part_lse)
+        lo, hi = rule.keys(q_pos)
+        prepared.append((_moved(query, q_pos, rule.query, inv_freq),
+                         _expand_heads(_moved(key, k_pos, rule.key, inv_freq), groups),
+                         (lo - first_key).cpu().numpy(), (hi - first_key).cpu().numpy()))
+    v_all = _expand_heads(value, groups)
+    keys = np.arange(num_keys)
+    out = query.new_empty(b, hq, n, d)
+    for r0 in range(0, n, block_size):
+        rows = slice(r0, min(n, r0 + block_size))
+        parts = []
+        for q_rule, k_rule, lo_all, hi_all in prepared:
+            lo, hi = lo_all[:, rows], hi_all[:, rows]
+            for k0, k1, kind in _key_spans(lo, hi, num_keys, valid):
+                bias, empty = None, None
+                if kind == "masked":
+                    mask = (keys[None, None, k0:k1] >= lo[..., None]) & (keys[None, None, k0:k1] <= hi[..., None])
+                    if valid is not None:
+                        mask &= valid[:, None, k0:k1]
+                    bias = torch.from_numpy(np.where(mask, 0.0, -np.inf).astype(np.float32))[:, None]
+                    bias = bias.to(device=query.device, dtype=query.dtype)
+                    empty = ~mask.any(-1)
+                part, part_lse = _attend_tile(q_rule[:, :, rows], k_rule[:, :, k0:k1], v_all[:, :, k0:k1], kind, bias,
+                                              scaling)
+                if empty is not None and empty.any():  # the kernel gives 0 for rows without keys
+                    part_lse = part_lse.masked_fill(torch.from_numpy(empty).to(query.device)[:, None], float("-inf"))
+                parts.append((part, part_lse))
+        if len(parts) == 1:
+            out[:, :, rows] = parts[0][0]
+            continue
+        lses = torch.stack([part_lse for _, part_lse in parts])
+        weights = torch.exp(lses - torch.logsumexp(lses, dim=0)).nan_to_num_(0.0)  # a row without keys: zeros
+        out[:, :, rows] = (torch.stack([part for part, _ in parts]) * weights[..., None]).sum(0)
     return out
 
 
