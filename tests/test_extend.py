@@ -85,14 +85,23 @@ def close(a, b, tol=1e-4):
     return ((a - b).abs().max() / b.abs().max()).item() <= tol
 
 
+def _use(form: str, monkeypatch) -> str:
+    if form != "single_pass":
+        monkeypatch.setattr(extend_attention, "_SINGLE_PASS_ELEMENTS", 0)
+        monkeypatch.setattr(extend_attention, "BLOCK_SIZE", int(form.rsplit("_", 1)[1]))
+    return form
+
+
 @pytest.fixture(params=["single_pass", "blocks_of_7", "blocks_of_2"])
 def path(request, monkeypatch):
     """Both forms of the attention: one softmax over all keys, and passes in blocks merged by log-sum-exp
     (blocks wider than the window: masked tiles; narrower: causal, anticausal and full tiles)."""
-    if request.param != "single_pass":
-        monkeypatch.setattr(extend_attention, "_SINGLE_PASS_ELEMENTS", 0)
-        monkeypatch.setattr(extend_attention, "BLOCK_SIZE", int(request.param.rsplit("_", 1)[1]))
-    return request.param
+    return _use(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["single_pass", "blocks_of_2"])
+def two_paths(request, monkeypatch):
+    return _use(request.param, monkeypatch)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
@@ -111,7 +120,7 @@ def test_prefill_equals_reference(model_type, section, path):
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 @pytest.mark.parametrize("section", [{**SELF_EXTEND, "window": T}, {**DUAL_CHUNK, "chunk_size": T + 4}],
                          ids=["self_extend", "dual_chunk"])
-def test_equal_to_plain_inside_exact_span(model_type, section, path):
+def test_equal_to_plain_inside_exact_span(model_type, section, two_paths):
     model = tiny_model(model_type)
     ids = tokens(2, T)
     with torch.no_grad():
@@ -124,20 +133,20 @@ def test_equal_to_plain_inside_exact_span(model_type, section, path):
 @pytest.mark.parametrize("section", [SELF_EXTEND, DUAL_CHUNK], ids=["self_extend", "dual_chunk"])
 def test_cached_decoding_equals_reference(model_type, section):
     model, reference = pair(model_type, section)
-    ids = tokens(1, T)
+    ids = tokens(1, 30)
     prompt = 13
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         out = model(ids[:, :prompt], **{CACHE: cache}, use_cache=True)
         assert close(out.logits, reference(ids[:, :prompt]).logits)
-        for t in range(prompt, T):
+        for t in range(prompt, ids.shape[1]):
             step = model(ids[:, t:t + 1], **{CACHE: cache_of(out)}, use_cache=True)
             assert close(step.logits[:, -1], reference(ids[:, :t + 1]).logits[:, -1]), t
             out = step
 
 
 @pytest.mark.parametrize("section", [SELF_EXTEND, DUAL_CHUNK], ids=["self_extend", "dual_chunk"])
-def test_left_padded_batch_equals_each_prompt_alone(section, path):
+def test_left_padded_batch_equals_each_prompt_alone(section, two_paths):
     model = hf_longctx.patch(tiny_model("llama"), {"extend": section})
     lengths = (T, T - 11)
     prompts = [tokens(1, n, seed=s)[0] for s, n in enumerate(lengths)]
@@ -179,7 +188,7 @@ def test_partial_rotary_only_turns_the_rotary_dims():
     assert torch.allclose(turned[..., :6], _turn(x[..., :6], angle), atol=1e-6)
 
 
-def test_gemma3_remaps_global_layers_only(path):
+def test_gemma3_remaps_global_layers_only(two_paths):
     """Gemma 3: local layers keep their window and own rotary frequencies; with a window wider than the input
     the global layers are exact too, so the whole model equals the plain one."""
     model = tiny_model("gemma3_text", sliding_window=8, num_hidden_layers=2,
@@ -260,3 +269,24 @@ def test_dual_chunk_saves_qwen_config_and_loads_back(tmp_path):
 def test_presets_load():
     spec = hf_longctx.load_spec("self-extend-4x")
     assert spec.extend.method == "self_extend" and spec.extend.group_size == 4
+
+
+def test_cli_eval_with_the_preset(capsys, tmp_path):
+    """``hf-longctx eval --preset self-extend-4x``: inside the preset's window (1024) the plain model's scores;
+    a spec with a small window changes them."""
+    from hf_longctx import cli
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", seed=0, max_position_embeddings=512).save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text("".join("abcdefgh ij.\n"[(7 * i * i + 3 * i) % 13] for i in range(3000)))
+    small = tmp_path / "small.yaml"
+    small.write_text("extend:\n  method: self_extend\n  group_size: 8\n  window: 16\n")
+    argv = ["eval", model_dir, "--preset", f"none,self-extend-4x,{small}", "--lengths", "600", "--tasks", "perplexity",
+            "--data", text, "--windows", "1", "--out", tmp_path / "out"]
+    assert cli.main([str(a) for a in argv]) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["perplexity"]
+    assert [r["method"] for r in rows] == ["none", "self-extend-4x", str(small)]
+    assert rows[1]["nll"] == pytest.approx(rows[0]["nll"], rel=1e-6)
+    assert rows[2]["nll"] != pytest.approx(rows[0]["nll"], rel=2e-5)  # a random tiny model: small, but far above 1e-6
+    assert "| self-extend-4x |" in capsys.readouterr().out
