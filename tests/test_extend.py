@@ -21,7 +21,7 @@ from hf_longctx.compat import CACHE, cache_of
 from hf_longctx.extend import attention as extend_attention
 from hf_longctx.testing import tiny_model
 
-SELF_EXTEND = {"method": "self_extend", "group_size": 3, "window": 5}
+SELF_EXTEND = {"method": "self_extend", "group_size": 3, "window": 6}  # 40 = 6 blocks of 6 + 4
 DUAL_CHUNK = {"method": "dual_chunk", "chunk_size": 12, "local_size": 4}  # chunks of 8 tokens
 T = 40  # several groups and chunks, and beyond the successive chunk
 
@@ -88,19 +88,22 @@ def close(a, b, tol=1e-4):
 def _use(form: str, monkeypatch) -> str:
     if form != "single_pass":
         monkeypatch.setattr(extend_attention, "_SINGLE_PASS_ELEMENTS", 0)
+    if form.startswith("blocks_of_"):
+        monkeypatch.setattr(extend_attention, "BAND_AND_LAG", False)
         monkeypatch.setattr(extend_attention, "BLOCK_SIZE", int(form.rsplit("_", 1)[1]))
     return form
 
 
-@pytest.fixture(params=["single_pass", "blocks_of_7", "blocks_of_2"])
+@pytest.fixture(params=["single_pass", "blocks_of_7", "blocks_of_2", "band_and_lag"])
 def path(request, monkeypatch):
-    """Both forms of the attention: one softmax over all keys, and passes in blocks merged by log-sum-exp
-    (blocks wider than the window: masked tiles; narrower: causal, anticausal and full tiles)."""
+    """Every form of the attention: one softmax over all keys; passes in blocks merged by log-sum-exp (blocks
+    wider than the window: masked tiles; narrower: causal, anticausal and full tiles); Self-Extend's prefill
+    as a sliding window and one causal call (dual_chunk takes the blocks there)."""
     return _use(request.param, monkeypatch)
 
 
-@pytest.fixture(params=["single_pass", "blocks_of_2"])
-def two_paths(request, monkeypatch):
+@pytest.fixture(params=["single_pass", "blocks_of_2", "band_and_lag"])
+def forms(request, monkeypatch):
     return _use(request.param, monkeypatch)
 
 
@@ -120,7 +123,7 @@ def test_prefill_equals_reference(model_type, section, path):
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 @pytest.mark.parametrize("section", [{**SELF_EXTEND, "window": T}, {**DUAL_CHUNK, "chunk_size": T + 4}],
                          ids=["self_extend", "dual_chunk"])
-def test_equal_to_plain_inside_exact_span(model_type, section, two_paths):
+def test_equal_to_plain_inside_exact_span(model_type, section, forms):
     model = tiny_model(model_type)
     ids = tokens(2, T)
     with torch.no_grad():
@@ -146,7 +149,7 @@ def test_cached_decoding_equals_reference(model_type, section):
 
 
 @pytest.mark.parametrize("section", [SELF_EXTEND, DUAL_CHUNK], ids=["self_extend", "dual_chunk"])
-def test_left_padded_batch_equals_each_prompt_alone(section, two_paths):
+def test_left_padded_batch_equals_each_prompt_alone(section, forms):
     model = hf_longctx.patch(tiny_model("llama"), {"extend": section})
     lengths = (T, T - 11)
     prompts = [tokens(1, n, seed=s)[0] for s, n in enumerate(lengths)]
@@ -188,7 +191,7 @@ def test_partial_rotary_only_turns_the_rotary_dims():
     assert torch.allclose(turned[..., :6], _turn(x[..., :6], angle), atol=1e-6)
 
 
-def test_gemma3_remaps_global_layers_only(two_paths):
+def test_gemma3_remaps_global_layers_only(forms):
     """Gemma 3: local layers keep their window and own rotary frequencies; with a window wider than the input
     the global layers are exact too, so the whole model equals the plain one."""
     model = tiny_model("gemma3_text", sliding_window=8, num_hidden_layers=2,

@@ -32,6 +32,7 @@ from .rules import Pass
 # Queries x keys below which the single-pass form (materialised scores) is used: a decode step, a short chunk.
 _SINGLE_PASS_ELEMENTS = 1 << 22
 BLOCK_SIZE = 512  # query rows per call of the blocked form
+BAND_AND_LAG = True  # Self-Extend's prefill as a sliding window and one causal call (else the blocked form)
 
 
 def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -56,9 +57,11 @@ def _attend_with_lse(q, k, v, bias, scaling, causal=False):
     """(out ``[B, H, n, D]``, log-sum-exp ``[B, H, n]``) of q over k/v with an additive ``bias`` (or ``causal``:
     row r sees keys 0..r of a square tile); torch's fused flash kernel on the CPU (it skips the tiles a causal
     mask hides), matmul + softmax elsewhere (one block of rows: O(n x m))."""
-    if q.device.type == "cpu":
+    if q.device.type == "cpu":  # GQA as it is: the kernel takes fewer key/value heads
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
                                                                          scale=scaling)[:2]
+    groups = q.shape[1] // k.shape[1]
+    k, v = _expand_heads(k, groups), _expand_heads(v, groups)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
@@ -121,7 +124,6 @@ def _blocked(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scalin
     """The passes in blocks of query rows. The owned key ranges and the edge masks are computed with numpy:
     many small torch calls cost more than their work on a busy CPU, where each waits for its threads."""
     b, hq, n, d = query.shape
-    groups = hq // key.shape[1]
     num_keys = key.shape[2]
     first_key = k_pos[:, :1]  # index of position p in row b: p - first_key[b]
     valid = None if key_valid is None else key_valid.cpu().numpy()
@@ -129,9 +131,9 @@ def _blocked(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scalin
     for rule in rules:
         lo, hi = rule.keys(q_pos)
         prepared.append((_moved(query, q_pos, rule.query, inv_freq),
-                         _expand_heads(_moved(key, k_pos, rule.key, inv_freq), groups),
+                         _moved(key, k_pos, rule.key, inv_freq),
                          (lo - first_key).cpu().numpy(), (hi - first_key).cpu().numpy()))
-    v_all = _expand_heads(value, groups)
+    v_all = value
     keys = np.arange(num_keys)
     out = query.new_empty(b, hq, n, d)
     for r0 in range(0, n, block_size):
@@ -162,6 +164,75 @@ def _blocked(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scalin
     return out
 
 
+def _fold(x, first: int, count: int, size: int):
+    """Blocks ``first .. first + count - 1`` of ``size`` tokens of x ``[B, H, L, ...]`` -> ``[B·count, H, size, ...]``."""
+    return x[:, :, first * size:(first + count) * size].unflatten(2, (count, size)).transpose(1, 2).flatten(0, 1)
+
+
+def _unfold(x, batch: int):
+    """Inverse of :func:`_fold`: ``[B·count, H, size, ...]`` -> ``[B, H, count·size, ...]``."""
+    return x.unflatten(0, (batch, -1)).transpose(1, 2).flatten(2, 3)
+
+
+def _merge_into(out, lse, rows: slice, part, part_lse):
+    """Merge a softmax attention over other keys into rows of ``out``/``lse``, whose log-sum-exps are finite."""
+    top = torch.maximum(lse[:, :, rows], part_lse)
+    w, w_part = torch.exp(lse[:, :, rows] - top), torch.exp(part_lse - top)
+    total = w + w_part
+    out[:, :, rows] = (out[:, :, rows] * w[..., None] + part * w_part[..., None]) / total[..., None]
+    lse[:, :, rows] = top + torch.log(total)
+
+
+def _band(q, k, v, width: int, scaling):
+    """Sliding-window attention (row i owns keys i - width < j <= i) with its log-sum-exp, for N == M.
+
+    Rows go in blocks of ``width``: each block sees its own keys causally (one call for all full blocks,
+    folded into the batch) and the keys of the block before it above the diagonal (one call, one shared
+    mask)."""
+    b, _, n, _ = q.shape
+    full, rest = divmod(n, width)
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
+    if full:
+        part, part_lse = _attend_with_lse(*(_fold(x, 0, full, width) for x in (q, k, v)), None, scaling, causal=True)
+        out[:, :, :full * width], lse[:, :, :full * width] = _unfold(part, b), _unfold(part_lse, b)
+    if rest:
+        tail = slice(full * width, n)
+        out[:, :, tail], lse[:, :, tail] = _attend_with_lse(q[:, :, tail], k[:, :, tail], v[:, :, tail], None,
+                                                            scaling, causal=True)
+    if full == 0 or n <= width:
+        return out, lse
+    above = torch.ones(width, width, dtype=torch.bool, device=q.device).triu(1)  # row r owns key c of the block before: c > r
+    bias = torch.zeros(width, width, dtype=q.dtype, device=q.device).masked_fill_(~above, float("-inf"))[None, None]
+    if full > 1:
+        part, part_lse = _attend_with_lse(_fold(q, 1, full - 1, width), _fold(k, 0, full - 1, width),
+                                          _fold(v, 0, full - 1, width), bias, scaling)
+        part_lse[..., -1] = float("-inf")  # the last row of a block owns no key there (the kernel gives 0)
+        _merge_into(out, lse, slice(width, full * width), _unfold(part, b), _unfold(part_lse, b))
+    if rest:
+        keys = slice((full - 1) * width, full * width)
+        part, part_lse = _attend_with_lse(q[:, :, full * width:], k[:, :, keys], v[:, :, keys], bias[:, :, :rest],
+                                          scaling)
+        _merge_into(out, lse, slice(full * width, n), part, part_lse)
+    return out, lse
+
+
+def _band_and_lag(query, key, value, q_pos, rules, inv_freq, scaling):
+    """Self-Extend's prefill (N == M, no padding, the same positions in every row): the neighbor pass as a
+    sliding window (:func:`_band`), the grouped pass as one causal call of the queries from row W on over
+    the keys up to N - W, merged by their log-sum-exps."""
+    neighbor, grouped = rules
+    n = query.shape[2]
+    out, lse = _band(_moved(query, q_pos, neighbor.query, inv_freq), _moved(key, q_pos, neighbor.key, inv_freq),
+                     value, neighbor.band, scaling)
+    lag = grouped.lag
+    if n > lag:
+        q_far = _moved(query[:, :, lag:], q_pos[:, lag:], grouped.query, inv_freq)
+        k_far = _moved(key[:, :, :n - lag], q_pos[:, :n - lag], grouped.key, inv_freq)
+        part, part_lse = _attend_with_lse(q_far, k_far, value[:, :, :n - lag], None, scaling, causal=True)
+        _merge_into(out, lse, slice(lag, n), part, part_lse)
+    return out
+
+
 def _single_pass(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling):
     b, hq, n, d = query.shape
     groups = hq // key.shape[1]
@@ -185,8 +256,12 @@ def remapped_attention(query, key, value, q_pos, k_pos, key_valid, rules, inv_fr
     Returns ``[B, N, Hq, D]``. A query row that owns no key (a pad) comes out zero.
     """
     n, m = query.shape[2], key.shape[2]
+    band_and_lag = (len(rules) == 2 and rules[0].band is not None and rules[1].lag is not None and n == m
+                    and key_valid is None and bool((q_pos == q_pos[:1]).all()))
     if n * m <= _SINGLE_PASS_ELEMENTS:
         out = _single_pass(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling)
+    elif band_and_lag and BAND_AND_LAG:
+        out = _band_and_lag(query, key, value, q_pos, rules, inv_freq, scaling)
     else:
         out = _blocked(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling, BLOCK_SIZE)
     return out.transpose(1, 2).contiguous()

@@ -49,6 +49,8 @@ class Pass:
     query: Positions | None
     key: Positions | None
     keys: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    band: int | None = None  # the pass owns keys i - band < j <= i (a sliding window)
+    lag: int | None = None  # the pass owns keys j <= i - lag
 
 
 def passes(spec: ExtendSpec) -> tuple[Pass, ...]:
@@ -56,9 +58,9 @@ def passes(spec: ExtendSpec) -> tuple[Pass, ...]:
     if spec.method == "self_extend":
         g, w = spec.group_size, spec.window
         return (
-            Pass("neighbor", None, None, lambda i: (i - w + 1, i)),
+            Pass("neighbor", None, None, lambda i: (i - w + 1, i), band=w),
             Pass("grouped", lambda i: torch.div(i, g, rounding_mode="floor") + (w - w // g),
-                 lambda j: torch.div(j, g, rounding_mode="floor"), lambda i: (torch.full_like(i, _FAR), i - w)),
+                 lambda j: torch.div(j, g, rounding_mode="floor"), lambda i: (torch.full_like(i, _FAR), i - w), lag=w),
         )
     chunk_len = spec.chunk_size - spec.local_size
 
