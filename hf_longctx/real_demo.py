@@ -93,6 +93,7 @@ class RealDemoSettings:
     long_lengths: tuple[int, ...] = (8192, 16384)  # long: 1x and 2x the trained length
     long_score_tokens: int = 512  # long: the final tokens scored at every length
     long_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    extend_methods: tuple[str, ...] = tuple(EXTEND_PRESETS)  # long: extend methods beside the rope types
     extend_lengths: tuple[int, ...] = (32768,)  # long: the further lengths of the extend methods (4x)
     spread_streams: int = 8  # long: streams of stream_tokens spread evenly over the text, one pass per method
 
@@ -109,6 +110,7 @@ QUICK = RealDemoSettings(
     long_lengths=(100, 200),
     long_score_tokens=16,
     long_depths=(0.0, 1.0),
+    extend_methods=(),
     extend_lengths=(300,),
     spread_streams=2,
 )
@@ -271,7 +273,7 @@ def rope_section(model, tokenizer, tokens: torch.Tensor, settings: RealDemoSetti
     """Perplexity of the same final tokens at 1x and 2x the trained length, and passkey at 2x, per RoPE scaling;
     the extend methods (Self-Extend, Dual Chunk Attention) at ``extend_lengths`` too. ``methods``: a subset."""
     specs = {"none": None, **{t: {"rope": {"type": t, "factor": settings.rope_factor}} for t in ROPE_TYPES},
-             **EXTEND_PRESETS}
+             **{m: EXTEND_PRESETS[m] for m in settings.extend_methods}}
     longest = max(settings.long_lengths)
     perplexity, passkey = [], []
     for name in tqdm(methods or specs, desc="rope scalings and extend methods", unit="method"):
@@ -404,7 +406,7 @@ def run_real_demo(out_dir: str | Path, settings: RealDemoSettings = RealDemoSett
     print(_passkey_table(results["passkey"]))
     if long:
         print(f"\nRoPE scalings (factor {settings.rope_factor:g}) and extend methods ("
-              + ", ".join(f"{m}: preset {p}" for m, p in EXTEND_PRESETS.items())
+              + ", ".join(f"{m}: preset {EXTEND_PRESETS[m]}" for m in settings.extend_methods)
               + f"): perplexity of the same last {settings.long_score_tokens} tokens, passkey retrieval over "
               f"{len(settings.long_depths)} depths:\n")  # fmt: skip
         print(_rope_table(results["rope"], settings))

@@ -18,6 +18,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 import hf_longctx
 from hf_longctx import SpecError
 from hf_longctx.compat import CACHE, cache_of
+from hf_longctx.evaluation import perplexity_vs_length
 from hf_longctx.extend import attention as extend_attention
 from hf_longctx.testing import tiny_model
 
@@ -293,3 +294,29 @@ def test_cli_eval_with_the_preset(capsys, tmp_path):
     assert rows[1]["nll"] == pytest.approx(rows[0]["nll"], rel=1e-6)
     assert rows[2]["nll"] != pytest.approx(rows[0]["nll"], rel=2e-5)  # a random tiny model: small, but far above 1e-6
     assert "| self-extend-4x |" in capsys.readouterr().out
+
+
+def test_real_demo_rows_of_the_extend_presets():
+    """The ``--long`` rows on SmolLM2 (as tests/test_real_model.py gets it) at the quick lengths: inside the
+    preset's window (1024) the plain model's perplexity, and the further length's columns."""
+    import dataclasses
+
+    from hf_longctx import loading, real_demo
+
+    try:
+        real_demo.smollm2_gguf()
+    except OSError as err:
+        pytest.skip(f"SmolLM2's GGUF cannot be had here ({err})")
+    source = loading.resolve(real_demo.smollm2_converted())
+    model = loading.load_model(source, dtype=torch.float32).eval()
+    tokenizer = loading.load_tokenizer(source)
+    text = real_demo.english_tokens(tokenizer)
+    settings = dataclasses.replace(real_demo.QUICK, extend_methods=("self_extend",))
+    rows = real_demo.rope_section(model, tokenizer, text, settings, methods=("self_extend",))
+    plain = perplexity_vs_length(model, text, [100, 200], num_windows=1, score_tokens=settings.long_score_tokens)
+    ppl = {r["length"]: r["perplexity"] for r in rows["perplexity"]}
+    assert list(ppl) == [100, 200, 300]
+    assert [ppl[100], ppl[200]] == pytest.approx([p.perplexity for p in plain], rel=1e-5)
+    assert sorted({r["length"] for r in rows["passkey"]}) == [200, 300]
+    table = real_demo._rope_table(rows, settings)
+    assert "passkey 300" in table and "perplexity 300" in table

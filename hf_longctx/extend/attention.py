@@ -10,10 +10,15 @@ disjoint sets of keys, so their outputs merge exactly by their log-sum-exps:
     out = sum_p exp(lse_p - lse) * out_p,   lse = log sum_p exp(lse_p).
 
 Prefill (many queries) runs each pass in blocks of ``BLOCK_SIZE`` query rows over only the keys the
-block's rows own (the neighbor and intra-chunk passes see a band of keys, the others a prefix),
-with torch's fused CPU flash kernel, which returns the log-sum-exp (elsewhere matmul + softmax per block): memory is
-O(BLOCK_SIZE x T) per call, never T x T. A few queries (a decode step) take one pass: the scores
-of every key, each computed at its own pass's positions, in one softmax.
+block's rows own, with torch's fused CPU flash kernel, which returns the log-sum-exp (elsewhere
+matmul + softmax per block), in tiles: keys every row of the block owns go unmasked, the edges of a
+window or of the causal diagonal as causal (or reversed causal) squares, which the kernel computes
+without a mask; only irregular edges (padding, a chunk boundary inside a block) carry a mask.
+Memory is O(BLOCK_SIZE x T) per call, never T x T. Self-Extend's plain prefill (no padding, N == M)
+needs no blocks at all: the neighbor pass is a sliding window (blocks of W rows folded into the
+batch: two calls) and the grouped pass one causal call of the queries from row W on over the keys
+up to N - W. A few queries (a decode step) take one pass: the scores of every key, each computed at
+its own pass's positions, in one softmax.
 
 Positions. Queries take theirs from ``position_ids``; a key's position follows from its index:
 key ``j`` sits ``M - 1 - j`` places before the last query. That is exact for a plain or
