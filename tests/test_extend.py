@@ -19,6 +19,7 @@ import hf_longctx
 from hf_longctx import SpecError
 from hf_longctx.compat import CACHE, cache_of
 from hf_longctx.evaluation import perplexity_vs_length
+from hf_longctx.families import get_family
 from hf_longctx.extend import attention as extend_attention
 from hf_longctx.testing import tiny_model
 
@@ -49,21 +50,26 @@ def _turn(x, angle):
 
 def reference_implementation(model, section: dict) -> str:
     """Register the dense reference of ``section`` as an attention implementation for ``model``."""
-    inv_freq = model.model.rotary_emb.inv_freq.double()
+    inv_freq = get_family(model).rotary_embedding(model).inv_freq.double()
+    rot = 2 * inv_freq.shape[0]  # partial rotary: the first rot dims turn, the rest pass
     name = f"test_extend_reference_{id(model)}"
+
+    def turn(x, angle):
+        turned = _turn(x[..., :rot], angle)
+        return torch.cat([turned, x[..., rot:].expand(*turned.shape[:-1], -1)], dim=-1)
 
     def attention(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
         b, hq, n, d = query.shape
         m = key.shape[2]
         q_pos = position_ids.expand(b, n).double()
         k_pos = torch.arange(m, dtype=torch.float64).expand(b, m)  # no padding here: keys are tokens 0..M-1
-        q = _turn(query.double(), -q_pos[:, None, :, None] * inv_freq)  # the raw (unrotated) vectors
-        k = _turn(key.double(), -k_pos[:, None, :, None] * inv_freq)
+        q = turn(query.double(), -q_pos[:, None, :, None] * inv_freq)  # the raw (unrotated) vectors
+        k = turn(key.double(), -k_pos[:, None, :, None] * inv_freq)
         k = k.repeat_interleave(hq // key.shape[1], dim=1)
         v = value.double().repeat_interleave(hq // key.shape[1], dim=1)
         i, j = q_pos[:, None, :, None], k_pos[:, None, None, :]
         rel = relative_position(section, i.long(), j.long()).double()  # [B, 1, N, M]
-        q_rel = _turn(q[:, :, :, None, :], rel[..., None] * inv_freq)  # [B, H, N, M, D]
+        q_rel = turn(q[:, :, :, None, :], rel[..., None] * inv_freq)  # [B, H, N, M, D]
         scores = (q_rel * k[:, :, None]).sum(-1) * scaling
         scores = scores.masked_fill(j > i, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ v
@@ -119,6 +125,15 @@ def test_prefill_equals_reference(model_type, section, path):
         plain = model(ids).logits
     assert close(got, want)
     assert not close(plain, want, 1e-3), ((plain - want).abs().max() / want.abs().max()).item()  # the rule matters here
+
+
+@pytest.mark.parametrize("model_type", ["phi", "stablelm"])
+def test_partial_rotary_prefill_equals_reference(model_type, path):
+    """Phi (half of each head rotates) and StableLM (a quarter): only the rotary dims are re-rotated."""
+    model, reference = pair(model_type, SELF_EXTEND)
+    ids = tokens(1, T)
+    with torch.no_grad():
+        assert close(model(ids).logits, reference(ids).logits)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
@@ -232,7 +247,8 @@ def test_composes_with_a_fixed_rope_scaling():
         assert close(model(ids).logits, reference(ids).logits)
 
 
-@pytest.mark.parametrize("model_type, words", [("gpt2", "rotary"), ("mistral", "native sliding window")])
+@pytest.mark.parametrize("model_type, words", [("gpt2", "rotary"), ("mistral", "native sliding window"),
+                                              ("deepseek_v3", "latent attention"), ("glm", "half-split")])
 def test_refused_models(model_type, words):
     with pytest.raises(SpecError, match=words):
         hf_longctx.patch(tiny_model(model_type), {"extend": SELF_EXTEND})
