@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig
 
+from .extend import section_from_dual_chunk_config
 from .loading import load_config, load_model, resolve
 from .patching import applied_sections, base_model, config_before_patches, patch, technique
 
@@ -99,6 +100,9 @@ def from_pretrained(path_or_repo: str | Path, *, gguf_file: str | None = None, *
     config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
     config = load_config(source, **config_kwargs)
     sections = getattr(config, "hf_longctx", None) or {}
+    dual_chunk = getattr(config, "dual_chunk_attention_config", None)
+    if dual_chunk and "extend" not in sections:  # a Qwen2.5-1M style checkpoint: its DCA becomes the section
+        sections = {**sections, "extend": section_from_dual_chunk_config(dual_chunk)}
     base_values = getattr(config, "hf_longctx_base", None) or {}
     for attr in ("hf_longctx", "hf_longctx_base"):
         if hasattr(config, attr):

@@ -75,6 +75,7 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CONVERTED = "smollm2-135m-instruct-q4_1"  # the cache folder of the converted GGUF
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer*", "special_tokens_map.json"]
 ROPE_TYPES = ("linear", "ntk", "dynamic", "yarn")
+EXTEND_PRESETS = {"self_extend": "self-extend-4x", "dual_chunk": "dual-chunk-8k"}  # long: beside the rope types
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class RealDemoSettings:
     long_lengths: tuple[int, ...] = (8192, 16384)  # long: 1x and 2x the trained length
     long_score_tokens: int = 512  # long: the final tokens scored at every length
     long_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    extend_methods: tuple[str, ...] = tuple(EXTEND_PRESETS)  # long: extend methods beside the rope types
+    extend_lengths: tuple[int, ...] = (32768,)  # long: the further lengths of the extend methods (4x)
     spread_streams: int = 8  # long: streams of stream_tokens spread evenly over the text, one pass per method
 
 
@@ -107,6 +110,8 @@ QUICK = RealDemoSettings(
     long_lengths=(100, 200),
     long_score_tokens=16,
     long_depths=(0.0, 1.0),
+    extend_methods=(),
+    extend_lengths=(300,),
     spread_streams=2,
 )
 
@@ -263,23 +268,28 @@ def passkey_section(model, tokenizer, settings: RealDemoSettings) -> list[dict[s
     return rows
 
 
-def rope_section(model, tokenizer, tokens: torch.Tensor, settings: RealDemoSettings) -> dict[str, list[dict]]:
-    """Perplexity of the same final tokens at 1x and 2x the trained length, and passkey at 2x, per RoPE scaling."""
-    methods = {"none": None, **{t: {"rope": {"type": t, "factor": settings.rope_factor}} for t in ROPE_TYPES}}
+def rope_section(model, tokenizer, tokens: torch.Tensor, settings: RealDemoSettings,
+                 methods: tuple[str, ...] | None = None) -> dict[str, list[dict]]:
+    """Perplexity of the same final tokens at 1x and 2x the trained length, and passkey at 2x, per RoPE scaling;
+    the extend methods (Self-Extend, Dual Chunk Attention) at ``extend_lengths`` too. ``methods``: a subset."""
+    specs = {"none": None, **{t: {"rope": {"type": t, "factor": settings.rope_factor}} for t in ROPE_TYPES},
+             **{m: EXTEND_PRESETS[m] for m in settings.extend_methods}}
     longest = max(settings.long_lengths)
     perplexity, passkey = [], []
-    for name, spec in tqdm(methods.items(), desc="rope scalings", unit="method"):
+    for name in tqdm(methods or specs, desc="rope scalings and extend methods", unit="method"):
+        spec = specs[name]
+        further = list(settings.extend_lengths) if name in EXTEND_PRESETS else []
         evaluated = model if spec is None else patch(model, spec)
-        points = perplexity_vs_length(
-            evaluated, tokens, settings.long_lengths, num_windows=1, score_tokens=settings.long_score_tokens, desc=name
-        )
+        points = perplexity_vs_length(evaluated, tokens, [*settings.long_lengths, *further], num_windows=1,
+                                      score_tokens=settings.long_score_tokens, desc=name)
         perplexity += [{"method": name, **p.to_dict()} for p in points]
-        keys = passkey_accuracy(evaluated, tokenizer, [longest], settings.long_depths, trials=1, share_prefix=None,
-                                desc=f"{name} passkey")  # fmt: skip
+        keys = passkey_accuracy(evaluated, tokenizer, [longest, *further], settings.long_depths, trials=1,
+                                share_prefix=None, desc=f"{name} passkey")
         passkey += [{"method": name, **p.to_dict()} for p in keys]
         tqdm.write(
             f"{name}: perplexity " + ", ".join(f"{format_length(p.length)} {p.perplexity:.2f}" for p in points)
-            + f"; passkey at {format_length(longest)} {sum(p.accuracy for p in keys):g}/{len(keys)}"
+            + "; passkey " + ", ".join(f"at {format_length(n)} {sum(p.accuracy for p in keys if p.length == n):g}/"
+                                       f"{sum(p.length == n for p in keys)}" for n in [longest, *further])
         )
         if spec is not None:
             unpatch(evaluated)
@@ -334,13 +344,13 @@ def _passkey_table(rows: list[dict]) -> str:
 
 
 def _rope_table(rope: dict[str, list[dict]], settings: RealDemoSettings) -> str:
-    longest = format_length(max(settings.long_lengths))
     cells = [{"method": r["method"], "column": f"perplexity {format_length(r['length'])}", "value": f"{r['perplexity']:.2f}"}
              for r in rope["perplexity"]]  # fmt: skip
-    found: dict[str, list[float]] = {}
+    found: dict[tuple[str, int], list[float]] = {}
     for r in rope["passkey"]:
-        found.setdefault(r["method"], []).append(r["accuracy"])
-    cells += [{"method": m, "column": f"passkey {longest}", "value": f"{sum(a):g}/{len(a)}"} for m, a in found.items()]
+        found.setdefault((r["method"], r["length"]), []).append(r["accuracy"])
+    cells += [{"method": m, "column": f"passkey {format_length(n)}", "value": f"{sum(a):g}/{len(a)}"}
+              for (m, n), a in found.items()]
     return markdown_table(cells, "value", column_key="column", fmt="{}")
 
 
@@ -395,8 +405,10 @@ def run_real_demo(out_dir: str | Path, settings: RealDemoSettings = RealDemoSett
     print(f"\nPasskey retrieval inside the trained length ({settings.passkey_trials} trial(s) per cell):\n")
     print(_passkey_table(results["passkey"]))
     if long:
-        print(f"\nRoPE scalings (factor {settings.rope_factor:g}): perplexity of the same last "
-              f"{settings.long_score_tokens} tokens, passkey retrieval over {len(settings.long_depths)} depths:\n")  # fmt: skip
+        print(f"\nRoPE scalings (factor {settings.rope_factor:g}) and extend methods ("
+              + ", ".join(f"{m}: preset {EXTEND_PRESETS[m]}" for m in settings.extend_methods)
+              + f"): perplexity of the same last {settings.long_score_tokens} tokens, passkey retrieval over "
+              f"{len(settings.long_depths)} depths:\n")  # fmt: skip
         print(_rope_table(results["rope"], settings))
         print(f"\nStreaming perplexity on {settings.spread_streams} streams of {settings.stream_tokens} tokens spread "
               f"over the text ({len(tokens)} tokens; one pass per method, as above):\n")  # fmt: skip

@@ -1,0 +1,272 @@
+"""Attention with remapped relative positions, in O(T) memory, from already rotated queries and keys.
+
+Rotating a rotary-embedded vector (rotated at position p) by ``delta * inv_freq`` on every
+frequency pair gives the vector rotated at ``p + delta`` (rotations of one plane compose by adding
+angles; any ``attention_scaling`` of cos/sin is a common factor that the extra rotation leaves
+alone). So a pass of a rule (:mod:`.rules`) re-rotates the queries and the keys it needs to their
+new positions and runs ordinary softmax attention over the keys it owns; the passes of a rule own
+disjoint sets of keys, so their outputs merge exactly by their log-sum-exps:
+
+    out = sum_p exp(lse_p - lse) * out_p,   lse = log sum_p exp(lse_p).
+
+Prefill (many queries) runs each pass in blocks of ``BLOCK_SIZE`` query rows over only the keys the
+block's rows own, with torch's fused CPU flash kernel, which returns the log-sum-exp (elsewhere
+matmul + softmax per block), in tiles: keys every row of the block owns go unmasked, the edges of a
+window or of the causal diagonal as causal (or reversed causal) squares, which the kernel computes
+without a mask; only irregular edges (padding, a chunk boundary inside a block) carry a mask.
+Memory is O(BLOCK_SIZE x T) per call, never T x T. Self-Extend's plain prefill (no padding, N == M)
+needs no blocks at all: the neighbor pass is a sliding window (blocks of W rows folded into the
+batch: two calls) and the grouped pass one causal call of the queries from row W on over the keys
+up to N - W. A few queries (a decode step) take one pass: the scores of every key, each computed at
+its own pass's positions, in one softmax.
+
+Positions. Queries take theirs from ``position_ids``; a key's position follows from its index:
+key ``j`` sits ``M - 1 - j`` places before the last query. That is exact for a plain or
+chunked prefill, cached decoding and left-padded batches (the pads sit left of every token and
+are masked by ``key_valid``); the attention function refuses inputs whose positions are not
+consecutive (packed documents).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .rules import Pass
+
+# Queries x keys below which the single-pass form (materialised scores) is used: a decode step, a short chunk.
+_SINGLE_PASS_ELEMENTS = 1 << 22
+BLOCK_SIZE = 512  # query rows per call of the blocked form
+BAND_AND_LAG = True  # Self-Extend's prefill as a sliding window and one causal call (else the blocked form)
+
+
+def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate the rotary dims of ``x`` ``[B, H, L, D]`` by ``delta`` ``[B, L]`` positions (transformers' half-split
+    layout: pair ``(d, d + R/2)`` turns by ``inv_freq[d]``; the first ``R = 2 len(inv_freq)`` dims rotate)."""
+    rot = 2 * inv_freq.shape[0]
+    angles = delta[:, None, :, None].to(torch.float32) * inv_freq.to(device=x.device, dtype=torch.float32)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2, rest = x[..., : rot // 2], x[..., rot // 2 : rot], x[..., rot:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def _moved(x, positions, new_positions, inv_freq):
+    return x if new_positions is None else rotate(x, new_positions(positions) - positions, inv_freq)
+
+
+def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _attend_with_lse(q, k, v, bias, scaling, causal=False):
+    """(out ``[B, H, n, D]``, log-sum-exp ``[B, H, n]``) of q over k/v with an additive ``bias`` (or ``causal``:
+    row r sees keys 0..r of a square tile); torch's fused flash kernel on the CPU (it skips the tiles a causal
+    mask hides), matmul + softmax elsewhere (one block of rows: O(n x m))."""
+    if q.device.type == "cpu":  # GQA as it is: the kernel takes fewer key/value heads
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
+                                                                         scale=scaling)[:2]
+    groups = q.shape[1] // k.shape[1]
+    k, v = _expand_heads(k, groups), _expand_heads(v, groups)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    elif bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)[..., None]).to(v.dtype)
+    return torch.matmul(probs, v), lse.to(q.dtype)
+
+
+def _attend_tile(q, k, v, kind, bias, scaling):
+    """One tile of a pass: ``full`` (every key), ``causal`` (square, row r owns keys 0..r), ``anticausal``
+    (square, row r owns keys r..n-1: the causal tile read backwards) or ``masked`` (``bias``)."""
+    if kind == "anticausal":
+        out, lse = _attend_with_lse(q.flip(2), k.flip(2), v.flip(2), None, scaling, causal=True)
+        return out.flip(2), lse.flip(2)
+    return _attend_with_lse(q, k, v, bias, scaling, causal=kind == "causal")
+
+
+def _owned(rule: Pass, q_pos, k_pos, key_valid):
+    """Boolean ``[B, 1, n, m]``: the keys (positions ``k_pos [B, m]``) that this pass owns for each query."""
+    lo, hi = rule.keys(q_pos)
+    kp = k_pos[:, None, :]
+    mask = (kp >= lo[..., None]) & (kp <= hi[..., None])
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, :]
+    return mask[:, None]
+
+
+def _steps_by_one(x: np.ndarray) -> bool:
+    """Whether every row of ``x`` ``[B, n]`` is the same ``x0, x0 + 1, ..., x0 + n - 1`` with ``x0 >= 0``."""
+    return bool(x[0, 0] >= 0 and (x == x[0, 0] + np.arange(x.shape[1])).all())
+
+
+def _key_spans(lo: np.ndarray, hi: np.ndarray, num_keys: int, valid: np.ndarray | None):
+    """Tiles ``(start, end, kind)`` that hold every key a block of query rows owns, from the rows' inclusive
+    owned ranges ``lo``/``hi`` ``[B, n]`` (key indices, nondecreasing down the rows).
+
+    Keys every row owns go as one ``full`` tile; the edges, where the rows' ranges begin and end, as a
+    ``causal`` / ``anticausal`` square when the range moves by one key per row (a window, a causal diagonal),
+    else ``masked``. Padding (``valid`` ``[B, M]`` with a False) makes every tile ``masked``.
+    """
+    start, end = max(0, int(lo.min())), min(num_keys, int(hi.max()) + 1)
+    if end <= start:
+        return []
+    left_end = min(max(start, int(lo.max()) + 1), end)
+    right_start = min(max(left_end, int(hi.min())), end)
+    padded = valid is not None and not valid[:, start:end].all()
+    n = lo.shape[1]
+    left = "anticausal" if left_end - start == n and _steps_by_one(lo) else "masked"
+    right = "causal" if end - right_start == n and _steps_by_one(hi) and int(lo.max()) <= right_start else "masked"
+    if padded or int(lo.max()) >= int(hi.min()):  # a block wider than the rows' ranges: no key owned by all
+        return [(start, end, "masked")]
+    spans = [(start, left_end, left if int(lo.min()) >= 0 else "masked"), (left_end, right_start, "full"),
+             (right_start, end, right)]
+    return [span for span in spans if span[1] > span[0]]
+
+
+def _blocked(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling, block_size):
+    """The passes in blocks of query rows. The owned key ranges and the edge masks are computed with numpy:
+    many small torch calls cost more than their work on a busy CPU, where each waits for its threads."""
+    b, hq, n, d = query.shape
+    num_keys = key.shape[2]
+    first_key = k_pos[:, :1]  # index of position p in row b: p - first_key[b]
+    valid = None if key_valid is None else key_valid.cpu().numpy()
+    prepared = []
+    for rule in rules:
+        lo, hi = rule.keys(q_pos)
+        prepared.append((_moved(query, q_pos, rule.query, inv_freq),
+                         _moved(key, k_pos, rule.key, inv_freq),
+                         (lo - first_key).cpu().numpy(), (hi - first_key).cpu().numpy()))
+    v_all = value
+    keys = np.arange(num_keys)
+    out = query.new_empty(b, hq, n, d)
+    for r0 in range(0, n, block_size):
+        rows = slice(r0, min(n, r0 + block_size))
+        parts = []
+        for q_rule, k_rule, lo_all, hi_all in prepared:
+            lo, hi = lo_all[:, rows], hi_all[:, rows]
+            for k0, k1, kind in _key_spans(lo, hi, num_keys, valid):
+                bias, empty = None, None
+                if kind == "masked":
+                    mask = (keys[None, None, k0:k1] >= lo[..., None]) & (keys[None, None, k0:k1] <= hi[..., None])
+                    if valid is not None:
+                        mask &= valid[:, None, k0:k1]
+                    bias = torch.from_numpy(np.where(mask, 0.0, -np.inf).astype(np.float32))[:, None]
+                    bias = bias.to(device=query.device, dtype=query.dtype)
+                    empty = ~mask.any(-1)
+                part, part_lse = _attend_tile(q_rule[:, :, rows], k_rule[:, :, k0:k1], v_all[:, :, k0:k1], kind, bias,
+                                              scaling)
+                if empty is not None and empty.any():  # the kernel gives 0 for rows without keys
+                    part_lse = part_lse.masked_fill(torch.from_numpy(empty).to(query.device)[:, None], float("-inf"))
+                parts.append((part, part_lse))
+        if len(parts) == 1:
+            out[:, :, rows] = parts[0][0]
+            continue
+        lses = torch.stack([part_lse for _, part_lse in parts])
+        weights = torch.exp(lses - torch.logsumexp(lses, dim=0)).nan_to_num_(0.0)  # a row without keys: zeros
+        out[:, :, rows] = (torch.stack([part for part, _ in parts]) * weights[..., None]).sum(0)
+    return out
+
+
+def _fold(x, first: int, count: int, size: int):
+    """Blocks ``first .. first + count - 1`` of ``size`` tokens of x ``[B, H, L, ...]`` -> ``[B·count, H, size, ...]``."""
+    return x[:, :, first * size:(first + count) * size].unflatten(2, (count, size)).transpose(1, 2).flatten(0, 1)
+
+
+def _unfold(x, batch: int):
+    """Inverse of :func:`_fold`: ``[B·count, H, size, ...]`` -> ``[B, H, count·size, ...]``."""
+    return x.unflatten(0, (batch, -1)).transpose(1, 2).flatten(2, 3)
+
+
+def _merge_into(out, lse, rows: slice, part, part_lse):
+    """Merge a softmax attention over other keys into rows of ``out``/``lse``, whose log-sum-exps are finite."""
+    top = torch.maximum(lse[:, :, rows], part_lse)
+    w, w_part = torch.exp(lse[:, :, rows] - top), torch.exp(part_lse - top)
+    total = w + w_part
+    out[:, :, rows] = (out[:, :, rows] * w[..., None] + part * w_part[..., None]) / total[..., None]
+    lse[:, :, rows] = top + torch.log(total)
+
+
+def _band(q, k, v, width: int, scaling):
+    """Sliding-window attention (row i owns keys i - width < j <= i) with its log-sum-exp, for N == M.
+
+    Rows go in blocks of ``width``: each block sees its own keys causally (one call for all full blocks,
+    folded into the batch) and the keys of the block before it above the diagonal (one call, one shared
+    mask)."""
+    b, _, n, _ = q.shape
+    full, rest = divmod(n, width)
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
+    if full:
+        part, part_lse = _attend_with_lse(*(_fold(x, 0, full, width) for x in (q, k, v)), None, scaling, causal=True)
+        out[:, :, :full * width], lse[:, :, :full * width] = _unfold(part, b), _unfold(part_lse, b)
+    if rest:
+        tail = slice(full * width, n)
+        out[:, :, tail], lse[:, :, tail] = _attend_with_lse(q[:, :, tail], k[:, :, tail], v[:, :, tail], None,
+                                                            scaling, causal=True)
+    if full == 0 or n <= width:
+        return out, lse
+    above = torch.ones(width, width, dtype=torch.bool, device=q.device).triu(1)  # row r owns key c of the block before: c > r
+    bias = torch.zeros(width, width, dtype=q.dtype, device=q.device).masked_fill_(~above, float("-inf"))[None, None]
+    if full > 1:
+        part, part_lse = _attend_with_lse(_fold(q, 1, full - 1, width), _fold(k, 0, full - 1, width),
+                                          _fold(v, 0, full - 1, width), bias, scaling)
+        part_lse[..., -1] = float("-inf")  # the last row of a block owns no key there (the kernel gives 0)
+        _merge_into(out, lse, slice(width, full * width), _unfold(part, b), _unfold(part_lse, b))
+    if rest:
+        keys = slice((full - 1) * width, full * width)
+        part, part_lse = _attend_with_lse(q[:, :, full * width:], k[:, :, keys], v[:, :, keys], bias[:, :, :rest],
+                                          scaling)
+        _merge_into(out, lse, slice(full * width, n), part, part_lse)
+    return out, lse
+
+
+def _band_and_lag(query, key, value, q_pos, rules, inv_freq, scaling):
+    """Self-Extend's prefill (N == M, no padding, the same positions in every row): the neighbor pass as a
+    sliding window (:func:`_band`), the grouped pass as one causal call of the queries from row W on over
+    the keys up to N - W, merged by their log-sum-exps."""
+    neighbor, grouped = rules
+    n = query.shape[2]
+    out, lse = _band(_moved(query, q_pos, neighbor.query, inv_freq), _moved(key, q_pos, neighbor.key, inv_freq),
+                     value, neighbor.band, scaling)
+    lag = grouped.lag
+    if n > lag:
+        q_far = _moved(query[:, :, lag:], q_pos[:, lag:], grouped.query, inv_freq)
+        k_far = _moved(key[:, :, :n - lag], q_pos[:, :n - lag], grouped.key, inv_freq)
+        part, part_lse = _attend_with_lse(q_far, k_far, value[:, :, :n - lag], None, scaling, causal=True)
+        _merge_into(out, lse, slice(lag, n), part, part_lse)
+    return out
+
+
+def _single_pass(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling):
+    b, hq, n, d = query.shape
+    groups = hq // key.shape[1]
+    scores = None
+    for rule in rules:
+        q_rule = _moved(query, q_pos, rule.query, inv_freq)
+        k_rule = _expand_heads(_moved(key, k_pos, rule.key, inv_freq), groups)
+        part = torch.matmul(q_rule, k_rule.transpose(-1, -2)) * scaling
+        owned = _owned(rule, q_pos, k_pos, key_valid)
+        scores = torch.where(owned, part, float("-inf") if scores is None else scores)
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(value.dtype)  # a pad row sees no key: zeros
+    return torch.matmul(probs, _expand_heads(value, groups))
+
+
+def remapped_attention(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, *, scaling: float) -> torch.Tensor:
+    """Softmax attention where each key is scored at the positions of the pass that owns it.
+
+    query ``[B, Hq, N, D]`` rotated at ``q_pos`` ``[B, N]``; key/value ``[B, Hkv, M, D]``, keys rotated at
+    ``k_pos`` ``[B, M]``; ``key_valid`` bool ``[B, M]`` or None (padding); ``rules`` from
+    :func:`~hf_longctx.extend.rules.passes`; ``inv_freq`` ``[R / 2]`` the rotary frequencies.
+    Returns ``[B, N, Hq, D]``. A query row that owns no key (a pad) comes out zero.
+    """
+    n, m = query.shape[2], key.shape[2]
+    band_and_lag = (len(rules) == 2 and rules[0].band is not None and rules[1].lag is not None and n == m
+                    and key_valid is None and bool((q_pos == q_pos[:1]).all()))
+    if n * m <= _SINGLE_PASS_ELEMENTS:
+        out = _single_pass(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling)
+    elif band_and_lag and BAND_AND_LAG:
+        out = _band_and_lag(query, key, value, q_pos, rules, inv_freq, scaling)
+    else:
+        out = _blocked(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling, BLOCK_SIZE)
+    return out.transpose(1, 2).contiguous()
