@@ -106,6 +106,11 @@ def _accumulate(total: list, grads: list) -> None:
             total[i] = g if total[i] is None else total[i].add_(g)
 
 
+def _tile(hidden: torch.Tensor, tile: slice) -> torch.Tensor:
+    # A copy: contiguous for MLPs that view it flat, and safe from MLPs that scale their input in place (jitter).
+    return hidden[..., tile, :].clone(memory_format=torch.contiguous_format)
+
+
 class _TiledMLP(torch.autograd.Function):
     """``run`` (an MLP: ``[..., T, H] -> [..., T, H']`` token by token) in tiles of ``tile_size`` along T."""
 
@@ -117,7 +122,7 @@ class _TiledMLP(torch.autograd.Function):
         out = None
         with torch.no_grad():
             for start in range(0, hidden.shape[-2], tile_size):
-                y = run(hidden[..., start : start + tile_size, :])
+                y = run(_tile(hidden, slice(start, start + tile_size)))
                 if out is None:
                     out = y.new_empty(*hidden.shape[:-1], y.shape[-1])
                 out[..., start : start + tile_size, :] = y
@@ -134,7 +139,7 @@ class _TiledMLP(torch.autograd.Function):
                 tile = slice(start, start + ctx.tile_size)
                 x = hidden[..., tile, :].detach().requires_grad_(grad_hidden is not None)
                 with torch.enable_grad():
-                    y = ctx.run(x)
+                    y = ctx.run(_tile(x, slice(None)))
                 grads = _grads(y, [x, *params], grad_out[..., tile, :])
                 if grad_hidden is not None:
                     grad_hidden[..., tile, :] = grads[0]

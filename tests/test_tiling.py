@@ -1,0 +1,158 @@
+"""The ``tiling`` section: tiled MLPs, layer checkpointing and offload give the untiled model's loss and gradients.
+
+The oracle is the unpatched transformers model on the same packed batch (documents with
+restarting ``position_ids``), float32, every parameter's gradient compared.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tokens
+from torch import nn
+
+import hf_longctx
+from hf_longctx import SpecError
+from hf_longctx.loss.tiling import default_tile_sizes
+from hf_longctx.testing import tiny_model
+from hf_longctx.training import pack_documents
+
+EVERYTHING = {"mlp_tile_size": 5, "checkpointing": True, "offload": True}
+
+
+def _batch(length: int = 41) -> dict[str, torch.Tensor]:
+    documents = [tokens(1, n, seed=s)[0].tolist() for s, n in enumerate((13, 17, length))]
+    (row,) = pack_documents(documents, length)
+    return {k: torch.tensor([v]) for k, v in row.items()}
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_gradients(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, g in want.items():
+        scale = g.abs().max().clamp(min=1e-30)
+        error = ((got[name] - g).abs().max() / scale).item()
+        assert error <= 1e-5, f"{name}: relative gradient difference {error:.2g}"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "gemma2", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("options", [EVERYTHING, {"mlp_tile_size": 4}], ids=["everything", "mlp-only"])
+def test_tiled_step_has_the_untiled_loss_and_gradients(model_type, options):
+    model = tiny_model(model_type).train()
+    model.config.use_cache = False
+    batch = _batch()
+    want_loss, want = _loss_and_grads(model, batch)
+    hf_longctx.patch(model, {"tiling": options, "loss": {"chunk_size": 7}})
+    calls = []
+    mlp = hf_longctx.families.get_family(model).mlp_modules(model)[0]
+    handle = mlp.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[-2]))
+    got_loss, got = _loss_and_grads(model, batch)
+    handle.remove()
+    assert calls and max(calls) == 41  # the wrapped forward sees the whole sequence and tiles inside
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    _assert_same_gradients(got, want)
+
+
+def test_dropout_draws_the_same_masks_when_recomputed():
+    model = tiny_model("llama", attention_dropout=0.3).train()
+    model.config.use_cache = False
+    batch = _batch()
+    torch.manual_seed(1)
+    want_loss, want = _loss_and_grads(model, batch)
+    torch.manual_seed(2)
+    other_loss, _ = _loss_and_grads(model, batch)
+    assert other_loss != want_loss  # the dropout is real: another seed gives another loss
+    hf_longctx.patch(model, tiling=EVERYTHING)
+    torch.manual_seed(1)
+    got_loss, got = _loss_and_grads(model, batch)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    _assert_same_gradients(got, want)
+
+
+def test_lora_adapters_inside_tiled_mlps_get_their_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama").train()
+    model.config.use_cache = False
+    batch = _batch()
+    hf_longctx.patch(model, tiling=EVERYTHING)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    got_loss, got = _loss_and_grads(peft_model, batch)
+    hf_longctx.unpatch(model)
+    want_loss, want = _loss_and_grads(peft_model, batch)
+    assert any("gate_proj.lora_A" in name for name in want) and len(got) == len(want)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    _assert_same_gradients(got, want)
+
+
+def test_unpatch_restores_the_modules_and_eval_logits_are_unchanged():
+    model = tiny_model("mixtral").eval()
+    ids = tokens(2, 30)
+    with torch.no_grad():
+        before = model(ids).logits
+        hf_longctx.patch(model, tiling=EVERYTHING)
+        tiled = model(ids).logits
+        hf_longctx.unpatch(model)
+        after = model(ids).logits
+    torch.testing.assert_close(tiled, before, rtol=1e-5, atol=1e-6)
+    assert torch.equal(after, before)
+    family = hf_longctx.families.get_family(model)
+    assert all("forward" not in vars(m) for m in [*family.mlp_modules(model), *family.layers(model)])
+
+
+class _CenteredMLP(nn.Module):
+    """An MLP whose output depends on every token of the sequence (like a capacity-limited MoE)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.proj(x - x.mean(dim=-2, keepdim=True))
+
+
+def test_refuses_an_mlp_whose_tokens_are_not_independent():
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        layer.mlp = _CenteredMLP(model.config.hidden_size)
+    with pytest.raises(SpecError, match="its tokens are not independent"):
+        hf_longctx.patch(model, tiling={})
+    assert "hf_longctx" not in vars(model.config)
+    hf_longctx.patch(model, tiling={"mlp": False, "checkpointing": True})  # checkpointing alone is exact
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"tiling": {"offload": True}}, "needs checkpointing: true"),
+        ({"tiling": {"mlp": False}}, "does nothing"),
+        ({"tiling": {"mlp_tile_size": 0}}, "must be >= 1"),
+        ({"tiling": {}, "moe": {"num_experts": 4, "top_k": 2}}, "'tiling' and 'moe' cannot be combined"),
+    ],
+)
+def test_refuses_bad_tiling_specs(spec, match):
+    with pytest.raises(SpecError, match=match):
+        hf_longctx.patch(tiny_model("llama"), spec)
+
+
+def test_refuses_router_logits_and_double_checkpointing():
+    model = tiny_model("mixtral", output_router_logits=True)
+    with pytest.raises(SpecError, match="output_router_logits"):
+        hf_longctx.patch(model, tiling={})
+    model = tiny_model("llama").train()
+    hf_longctx.patch(model, tiling={"checkpointing": True})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(RuntimeError, match="already checkpoints every layer"):
+        model(tokens(1, 20), labels=tokens(1, 20))
+
+
+def test_default_tiles_follow_the_widths():
+    model = tiny_model("llama", hidden_size=48, intermediate_size=96, head_dim=12)
+    assert default_tile_sizes(model.config) == {"mlp_tile_size": 48, "loss_chunk_size": 48}
