@@ -32,7 +32,7 @@ from transformers.utils import ModelOutput
 from ..config_base import SpecError
 from ..families import get_family
 from ..patching import Applied, Technique, Wrap, call_arguments, register_technique
-from .chunked import HeadTransform, causal_lm_loss
+from .chunked import HeadTransform, causal_lm_loss, chunked_cross_entropy
 from .config import LossSpec
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def _chunked_forward(model: nn.Module, head: nn.Module, inner, args: tuple, kwar
     if model.get_output_embeddings() is not head:
         raise ValueError("the output embedding was replaced after the 'loss' patch (is lm_head a LoRA target?)")
     num_items_in_batch = arguments.pop("num_items_in_batch", None)
+    shift_labels = arguments.pop("shift_labels", None)  # shifted before the sequence was sharded (context parallel)
     return_dict = arguments.pop("return_dict", None)
     arguments.pop("logits_to_keep", None)
     config = model.config.get_text_config(decoder=True)
@@ -88,7 +89,8 @@ def _chunked_forward(model: nn.Module, head: nn.Module, inner, args: tuple, kwar
         arguments["output_router_logits"] = config.output_router_logits
     # The decoder, then the head once: the head must not run twice in a step (FSDP hooks on it).
     outputs = get_family(model).decoder(model)(**arguments)
-    loss = (head_loss or head)(_last_hidden(outputs), labels=labels, num_items_in_batch=num_items_in_batch)
+    loss = (head_loss or head)(_last_hidden(outputs), labels=labels, num_items_in_batch=num_items_in_batch,
+                               **({} if shift_labels is None else {"shift_labels": shift_labels}))
     fields = dict(outputs.items()) if isinstance(outputs, ModelOutput) else {}
     aux_loss = None
     if arguments.get("output_router_logits") and fields.get("router_logits") is not None:  # as the model adds it
@@ -105,9 +107,13 @@ def _chunked_forward(model: nn.Module, head: nn.Module, inner, args: tuple, kwar
 
 def _head_forward(head: nn.Linear, inner, chunk_size: int, transform: HeadTransform):
     @functools.wraps(inner)
-    def forward(hidden, labels=None, num_items_in_batch=None):
+    def forward(hidden, labels=None, num_items_in_batch=None, shift_labels=None):
         if labels is None:
             return inner(hidden)
+        if shift_labels is not None:  # position t predicts shift_labels[:, t]: no shift here
+            return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
+                                         shift_labels.reshape(-1).to(hidden.device), chunk_size=chunk_size,
+                                         num_items_in_batch=num_items_in_batch, bias=head.bias, transform=transform)
         return causal_lm_loss(hidden, head.weight, labels, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
                               bias=head.bias, transform=transform)
 
