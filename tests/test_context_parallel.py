@@ -211,5 +211,34 @@ def test_without_packing_every_sequence_is_one_document():
     assert all(r["labels"] == [IGNORE_INDEX, *r["input_ids"][1:]] for r in rows)
 
 
+def test_the_128k_recipe_starts_on_cpu_with_a_tiny_model_and_the_same_flags(tmp_path):
+    """The 128k recipe under a 2-process CPU FSDP2 launch, one step: its patch (tiling with checkpointing and
+    offload, chunked loss), LoRA, packing: false, activation_checkpointing: false; a tiny model and one process
+    per sequence (a CPU cannot run context-parallel attention)."""
+    recipe = REPO / "recipes/configs/llama3.1-8b-128k-lora.yaml"
+    command = recipe.read_text().splitlines()[0].lstrip("# ")
+    assert command in (REPO / "README.md").read_text()  # the README's command is the recipe's
+    config = yaml.safe_load(recipe.read_text())
+    tiny = yaml.safe_load((REPO / "recipes/configs/tiny.yaml").read_text())
+    del config["model_name_or_path"]
+    config.update(model_config={**tiny["model_config"], "max_position_embeddings": 256},
+                  tokenizer_name_or_path=tiny["tokenizer_name_or_path"], dataset=tiny["dataset"], context_length=256,
+                  context_parallel_size=1, dtype="float32", bf16=False, split="train", text_column="text")
+    path = tmp_path / "tiny-128k-shape.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "recipes/accelerate/cpu.yaml"), "--main_process_port", str(_free_port()),
+              str(REPO / "recipes/finetune.py"), "--config", str(path), "--output_dir", str(out), "--max_steps", "1"]
+    proc = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    log = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in log if "loss" in entry] == [1]
+    assert (out / "adapter").is_dir()
+    assert hf_longctx.applied_sections(hf_longctx.from_pretrained(out)) == hf_longctx.load_spec(config["patch"]).to_dict()
+    assert hf_longctx.applied_sections(hf_longctx.from_pretrained(out))["tiling"] == {"checkpointing": True,
+                                                                                      "offload": True}
+
+
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
