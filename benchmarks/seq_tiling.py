@@ -62,13 +62,15 @@ def variants(config) -> list[tuple[str, dict | None, bool]]:
 
 
 def measure(model, spec: dict | None, hf_checkpointing: bool, tokens: int) -> dict:
-    """One forward + backward of one sequence under MemTracker: the peak's split (MiB) and seconds."""
+    """One forward + backward of one sequence under MemTracker: the peak's split (MiB) on the model's device, the
+    host's peak when the device is an accelerator (where offloaded checkpoints go), and seconds."""
+    device = next(model.parameters()).device
     if spec is not None:
         hf_longctx.patch(model, spec)
     if hf_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(device)
     model.zero_grad(set_to_none=True)
     tracker = MemTracker()
     tracker.track_external(model)
@@ -77,15 +79,19 @@ def measure(model, spec: dict | None, hf_checkpointing: bool, tokens: int) -> di
             start = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
-        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+        snapshot = tracker.get_tracker_snapshot("peak")
+        peak = next(v for d, v in snapshot.items() if d.type == device.type)
+        host = next((v.get("Total", 0) for d, v in snapshot.items() if d.type == "cpu"), 0) if device.type != "cpu" else 0
     finally:
         if hf_checkpointing:
             model.gradient_checkpointing_disable()
         if spec is not None:
             hf_longctx.unpatch(model)
     split = {key: peak.get(key, 0) / MIB for key in ("Parameter", "Gradient", "Activation", "Temp", "Total")}
-    return {**split, "seconds": seconds, "loss": loss.item()}
+    return {**split, "host": host / MIB, "seconds": seconds, "loss": loss.item()}
 
 
 def main() -> None:
@@ -94,18 +100,21 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--full_logits_max_tokens", type=int, default=8192)
     parser.add_argument("--only", nargs="*", help="run only the rows whose names start with these")
+    parser.add_argument("--device", default="cpu", help="cuda: the split is the GPU's, offloaded memory in 'host'")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
-    print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"Machine: {machine}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; SmolLM2-135M widths, {args.layers} layers, float32, batch 1; "
           f"tiles {default_tile_sizes(smollm2_config(args.layers, 1))}\n")
     print("| tokens | options | params (MiB) | grads (MiB) | activations (MiB) | temporaries (MiB) | "
-          "act. + temp. / checkpointed inputs | step (s) | step / plain-or-first | loss |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "act. + temp. / checkpointed inputs | host (MiB) | step (s) | step / plain-or-first | loss |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tokens in args.tokens:
         torch.manual_seed(0)
         config = smollm2_config(args.layers, tokens)
-        model = LlamaForCausalLM(config).train()
+        model = LlamaForCausalLM(config).to(device).train()
         inputs_mib = args.layers * tokens * config.hidden_size * 4 / MIB
         first_seconds = None
         for name, spec, hf_checkpointing in variants(config):
@@ -114,15 +123,16 @@ def main() -> None:
             full_logits = spec is None or "loss" not in spec
             if full_logits and tokens > args.full_logits_max_tokens:
                 print(f"| {tokens} | {name} | not run: the full logits are "
-                      f"{tokens * config.vocab_size * 4 / 2**30:.1f} GiB | | | | | | | |", flush=True)
+                      f"{tokens * config.vocab_size * 4 / 2**30:.1f} GiB | | | | | | | | |", flush=True)
                 continue
             m = measure(model, spec, hf_checkpointing, tokens)
             first_seconds = first_seconds or m["seconds"]
             print(f"| {tokens} | {name} | {m['Parameter']:.0f} | {m['Gradient']:.0f} | {m['Activation']:.0f} | "
-                  f"{m['Temp']:.0f} | {(m['Activation'] + m['Temp']) / inputs_mib:.2f} | {m['seconds']:.1f} | "
+                  f"{m['Temp']:.0f} | {(m['Activation'] + m['Temp']) / inputs_mib:.2f} | {m['host']:.0f} | "
+                  f"{m['seconds']:.1f} | "
                   f"{m['seconds'] / first_seconds:.2f} | {m['loss']:.5f} |", flush=True)
         print(f"| {tokens} | checkpointed inputs ({args.layers} x {tokens} x {config.hidden_size} x 4 B) | | | "
-              f"{inputs_mib:.0f} | | 1.00 | | | |", flush=True)
+              f"{inputs_mib:.0f} | | 1.00 | | | | |", flush=True)
 
 
 if __name__ == "__main__":

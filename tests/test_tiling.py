@@ -6,6 +6,10 @@ restarting ``position_ids``), float32, every parameter's gradient compared.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tokens
@@ -156,3 +160,46 @@ def test_refuses_router_logits_and_double_checkpointing():
 def test_default_tiles_follow_the_widths():
     model = tiny_model("llama", hidden_size=48, intermediate_size=96, head_dim=12)
     assert default_tile_sizes(model.config) == {"mlp_tile_size": 48, "loss_chunk_size": 48}
+
+
+# ---------------------------------------------------------------- the benchmarks' CPU parts
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _benchmark(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    return {cells[1]: cells for line in table.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+@pytest.mark.parametrize("boundary", [100, 4096, 5000, 12288, 70000, 10**9])
+def test_longest_sequence_search_finds_the_largest_fitting_multiple(boundary):
+    sys.path.insert(0, str(BENCHMARKS))
+    from longest_sequence import longest
+
+    tried = []
+    found = longest(lambda n: tried.append(n) or n <= boundary, 4096, 2**20, 1024)
+    want = 0 if boundary < 4096 else min(boundary // 1024 * 1024, 2**20)
+    assert found == want
+    assert len(tried) <= 2 * 20 + 1  # doubling then bisection, not a scan
+
+
+def test_longest_sequence_runs_its_step_on_the_cpu():
+    out = _benchmark("benchmarks/longest_sequence.py", "--device", "cpu", "--layers", "1", "--start", "64",
+                     "--max_tokens", "64", "--multiple", "64", "--only", "+ offload")
+    (row,) = [line for line in out.splitlines() if line.startswith("| + offload |")]
+    assert row.split("|")[2].strip() == "64"  # the step ran (nothing runs out of memory on the CPU)
+
+
+def test_seq_tiling_options_keep_the_loss():
+    out = _benchmark("benchmarks/seq_tiling.py", "--tokens", "256", "--layers", "2", "--only", "plain", "+ tiled",
+                     "+ offload")
+    rows = [cells for cells in _rows(out).values() if cells[0] == "256" and cells[-1] not in ("", "loss")]
+    assert [r[1] for r in rows] == ["plain", "+ tiled MLP", "+ offload"]
+    assert len({r[-1] for r in rows}) == 1  # the same loss with every option
