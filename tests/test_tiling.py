@@ -203,3 +203,33 @@ def test_seq_tiling_options_keep_the_loss():
     rows = [cells for cells in _rows(out).values() if cells[0] == "256" and cells[-1] not in ("", "loss")]
     assert [r[1] for r in rows] == ["plain", "+ tiled MLP", "+ offload"]
     assert len({r[-1] for r in rows}) == 1  # the same loss with every option
+
+
+def test_tiled_training_under_fsdp2_follows_the_untiled_run(tmp_path):
+    """Two CPU processes of real FSDP2 (the recipe's tiny config), three steps of full fine-tuning: the tiled
+    run's losses after the first step (which depend on its gradients) are the untiled run's."""
+    import json
+    import socket
+
+    repo = BENCHMARKS.parent
+    runs = {}
+    for name, patch in [("plain", {"rope": {"type": "yarn", "factor": 4.0}, "loss": {"chunk_size": 128}}),
+                        ("tiled", {"rope": {"type": "yarn", "factor": 4.0}, "loss": {"chunk_size": 128},
+                                   "tiling": {"mlp_tile_size": 48, "checkpointing": True, "offload": True}})]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(repo / "recipes/accelerate/cpu.yaml"), "--main_process_port", str(port),
+                   str(repo / "recipes/finetune.py"), "--config", str(repo / "recipes/configs/tiny.yaml"),
+                   "--output_dir", str(tmp_path / name), "--max_steps", "3", "--save_strategy", "no",
+                   "--patch", json.dumps(patch)]
+        runs[name] = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    losses = {}
+    for name, proc in runs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        log = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        losses[name] = [entry["loss"] for entry in log if "loss" in entry]
+    assert len(losses["plain"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["tiled"]), torch.tensor(losses["plain"]), rtol=1e-5, atol=0)
