@@ -233,3 +233,33 @@ def test_tiled_training_under_fsdp2_follows_the_untiled_run(tmp_path):
         losses[name] = [entry["loss"] for entry in log if "loss" in entry]
     assert len(losses["plain"]) == 3
     torch.testing.assert_close(torch.tensor(losses["tiled"]), torch.tensor(losses["plain"]), rtol=1e-5, atol=0)
+
+
+def test_checkpointing_keeps_a_layer_that_returns_a_tuple():
+    model = tiny_model("llama").train()
+    model.config.use_cache = False
+    batch = {"input_ids": tokens(2, 30), "labels": tokens(2, 30)}
+    want_loss, want = _loss_and_grads(model, batch)
+    for layer in model.model.layers:  # a layer of the older form: (hidden_states,)
+        layer.forward = (lambda forward: lambda *a, **k: (forward(*a, **k),))(layer.forward)
+    model.model.forward = _indexing_decoder(model.model)
+    hf_longctx.patch(model, tiling={"mlp": False, "checkpointing": True})
+    got_loss, got = _loss_and_grads(model, batch)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    _assert_same_gradients(got, want)
+
+
+def _indexing_decoder(decoder):
+    """The decoder's forward for layers that return tuples: it takes element 0, as older modeling code does."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    def forward(input_ids=None, **kwargs):
+        hidden = decoder.embed_tokens(input_ids)
+        position_ids = torch.arange(input_ids.shape[1])[None]
+        position_embeddings = decoder.rotary_emb(hidden, position_ids)
+        for layer in decoder.layers:  # no mask: one causal sequence per row
+            hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
+                           position_embeddings=position_embeddings)[0]
+        return BaseModelOutputWithPast(last_hidden_state=decoder.norm(hidden))
+
+    return forward

@@ -162,11 +162,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         else:
             ctx.save_for_backward(hidden)
         with torch.no_grad():
-            out = run(hidden)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"'tiling' checkpointing needs decoder layers that return a tensor; this one returns "
-                            f"{type(out).__name__}")
-        return out
+            return run(hidden)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -220,7 +216,24 @@ def checkpointed_layer(layer: nn.Module, inner, offload: bool):
         if others:
             raise RuntimeError("'tiling' checkpointing recomputes a layer from its hidden states alone, but another "
                                f"input of the layer needs a gradient (a tensor of shape {list(others[0].shape)})")
-        return _apply_function(_CheckpointedLayer, lambda h: inner(h, *args, **kwargs), offload, hidden_states, layer)
+        rest: list | None = None  # a layer that returns (hidden_states, *others): the others, from the forward
+
+        def run(h):
+            nonlocal rest
+            out = inner(h, *args, **kwargs)
+            if isinstance(out, tuple):
+                rest = rest if rest is not None else list(out[1:])
+                out = out[0]
+            return out
+
+        out = _apply_function(_CheckpointedLayer, run, offload, hidden_states, layer)
+        if rest is None:
+            return out
+        if any(isinstance(r, torch.Tensor) for r in rest):
+            raise RuntimeError(f"'tiling' checkpointing recomputes a decoder layer from its hidden states, but "
+                               f"{type(layer).__name__} also returns other tensors (attention weights? router "
+                               "logits?), which would carry no gradient; set checkpointing: false")
+        return (out, *rest)
 
     return forward
 
