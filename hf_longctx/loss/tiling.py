@@ -32,11 +32,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from dataclasses import dataclass
 
 from ..config_base import SectionSpec, SpecError, spec_field
 from ..families import get_family, text_config
@@ -103,7 +102,8 @@ def _grads(outputs: torch.Tensor, inputs: list[torch.Tensor], grad_outputs: torc
 def _accumulate(total: list, grads: list) -> None:
     for i, g in enumerate(grads):
         if g is not None:
-            total[i] = g if total[i] is None else total[i].add_(g)
+            # the first tile's gradient is copied: autograd may hand back a view of grad_outputs
+            total[i] = g.clone() if total[i] is None else total[i].add_(g)
 
 
 def _tile(hidden: torch.Tensor, tile: slice) -> torch.Tensor:
