@@ -172,7 +172,10 @@ def main() -> None:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        # A rank that runs out of memory leaves the others waiting in the ring: fail after minutes, not hang.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=3))
         rank, world = dist.get_rank(), dist.get_world_size()
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
