@@ -203,6 +203,16 @@ def test_the_recipe_refuses_context_parallelism_at_start_up_before_reading_data(
         run(*args)
 
 
+def test_the_recipe_refuses_two_kinds_of_checkpointing_at_once(tmp_path):
+    from hf_longctx.training.recipe import run
+
+    args = parse_args(["--config", str(REPO / "recipes/configs/tiny.yaml"), "--output_dir", str(tmp_path),
+                       "--patch", json.dumps({"tiling": {"checkpointing": True}}),
+                       "--activation_checkpointing", "true", "--dataset", str(tmp_path / "none.jsonl")])
+    with pytest.raises(ValueError, match="checkpoints every layer already"):
+        run(*args)
+
+
 def test_without_packing_every_sequence_is_one_document():
     documents = [list(range(3, 13)), list(range(20, 23)), list(range(30, 39))]
     rows = list(pack_documents(documents, 4, packing=False))

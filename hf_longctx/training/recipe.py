@@ -1,6 +1,8 @@
 """The fine-tuning pipeline behind ``recipes/finetune.py``.
 
-load the model (pretrained, or random from a config) -> ``hf_longctx.patch`` -> optional
+load the model (pretrained, or random from a config) -> ``hf_longctx.patch`` -> with
+``context_parallel_size`` > 1, the checks and accelerate ``ParallelismConfig`` of
+:mod:`.context_parallel` -> optional
 LoRA (LongLoRA: adapters on the attention projections, embeddings and norms trained in
 full) -> documents -> tokenized -> packed to ``context_length`` -> ``transformers.Trainer``
 (FSDP2, activation checkpointing, mixed precision, gradient accumulation, LR schedule,
