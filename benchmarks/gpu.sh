@@ -2,7 +2,10 @@
 # GPU checks in one go, for a lent CUDA machine that already has torch, transformers and
 # triton (no network there): installs this checkout without dependencies (no wheel is fetched
 # or upgraded), records the stack and whether it is within pyproject.toml's declared bounds,
-# runs the GPU kernel tests and the GPU attention and MoE benchmarks, and writes everything to
+# runs the GPU kernel tests, the GPU attention and MoE benchmarks, and the long-sequence steps (peak
+# GPU memory of each sequence-tiling option with the checkpoints offloaded to the host, the longest
+# sequence one GPU fine-tunes with each option, and, with 2 GPUs or more, context parallelism's
+# numerics against one GPU and its longest sequence), and writes everything to
 # $OUT (default gpu_out/). Needs nothing newer than the lowest supported transformers (5.14;
 # the lent machines have 5.17). Usage: bash benchmarks/gpu.sh
 set -uo pipefail
@@ -29,4 +32,13 @@ EOF
 "$PYTHON" -m pytest -q tests/test_kernels_gpu.py tests/test_kernels.py 2>&1 | tail -30 > "$OUT/tests.txt"
 "$PYTHON" benchmarks/attention.py --device cuda --out "$OUT/attention.md" > "$OUT/attention.log" 2>&1
 "$PYTHON" benchmarks/moe.py --repeats 5 > "$OUT/moe.md" 2>&1
-cat "$OUT/gpu.txt" "$OUT/tests.txt" "$OUT/attention.md" "$OUT/moe.md"
+# Long sequences: MemTracker's split on the GPU (offload shows as host memory), then the longest lengths.
+"$PYTHON" benchmarks/seq_tiling.py --device cuda --tokens 32768 65536 --full_logits_max_tokens 32768 \
+    > "$OUT/seq_tiling.md" 2>&1
+"$PYTHON" benchmarks/longest_sequence.py --device cuda > "$OUT/longest_sequence.md" 2>&1
+GPUS=$(nvidia-smi -L | wc -l)
+if [ "$GPUS" -ge 2 ]; then
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS" benchmarks/longest_sequence.py \
+        --device cuda --context_parallel >> "$OUT/longest_sequence.md" 2>&1
+fi
+cat "$OUT/gpu.txt" "$OUT/tests.txt" "$OUT/attention.md" "$OUT/moe.md" "$OUT/seq_tiling.md" "$OUT/longest_sequence.md"

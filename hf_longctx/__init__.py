@@ -8,6 +8,7 @@ Public API (see README.md): ``patch``, ``unpatch``, ``load_spec``, ``list_preset
 import importlib
 
 from . import attention, extend, loss, positions  # noqa: F401  (each registers its technique)
+from .loss import tiling as _tiling  # noqa: F401  (registers the 'tiling' section)
 from .config_base import SpecError
 from .families import FAMILIES, supported_model_types
 from .hub import from_pretrained, model_card, push_to_hub, save_pretrained

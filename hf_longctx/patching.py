@@ -19,10 +19,12 @@ their technique's order, the lowest innermost, so the call path is the same what
       10   rope       rebuilt rotary embedding (no wrapper)
       15   alibi      identity rotary + bias through the attention interface (no wrapper)
       20   attention  attention + mask functions (AttentionInterface), sink parameters
+      22   extend     Self-Extend / Dual Chunk Attention: position remapping in an attention function
       30   loss       model.forward: with labels, the model's own forward, its loss_function returning
                       the chunked loss (router losses stay the model's own); output head forward:
                       computes that loss in its one call (FSDP hooks run on the head), returns an
                       empty placeholder for the logits
+      35   tiling     MLPs computed in sequence tiles; decoder layers checkpointed (optionally offloaded)
       40   moe        model.forward: router losses added to the loss, router logits in the output
       50   streaming  model.forward: a SinkCache feeds the input in the cache position frame;
                       model.generate: a SinkCache unless a cache is given

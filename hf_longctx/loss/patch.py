@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config_base import SpecError
 from ..patching import Applied, Technique, Wrap, call_arguments, register_technique
-from .chunked import HeadTransform, causal_lm_loss
+from .chunked import HeadTransform, causal_lm_loss, chunked_cross_entropy
 from .config import LossSpec
 
 logger = logging.getLogger(__name__)
@@ -61,9 +61,10 @@ class _LabelledCall:
     """One forward call with labels: the head's forward computes the chunked loss, the model's loss function
     returns it."""
 
-    def __init__(self, labels: torch.Tensor, num_items_in_batch):
+    def __init__(self, labels: torch.Tensor, num_items_in_batch, shift_labels: torch.Tensor | None = None):
         self.labels = labels
         self.num_items_in_batch = num_items_in_batch
+        self.shift_labels = shift_labels
         self.loss: torch.Tensor | None = None
 
     def loss_function(self, *args, **kwargs) -> torch.Tensor:
@@ -81,8 +82,9 @@ def _chunked_forward(model: nn.Module, inner, args: tuple, kwargs: dict, calls: 
     if labels is None:
         return inner(*args, **kwargs)
     return_dict = arguments.get("return_dict")
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("logits_to_keep", "return_dict")}  # every position
-    call = _LabelledCall(labels, arguments.get("num_items_in_batch"))
+    # every position; shift_labels (shifted before the sequence was sharded, context parallel) go to the head
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("logits_to_keep", "return_dict", "shift_labels")}
+    call = _LabelledCall(labels, arguments.get("num_items_in_batch"), arguments.get("shift_labels"))
     had_own = "_loss_function" in vars(model)
     own = vars(model).get("_loss_function")
     calls.append(call)
@@ -110,8 +112,14 @@ def _head_forward(head: nn.Linear, inner, chunk_size: int, transform: HeadTransf
         if call.loss is not None:
             raise RuntimeError("the output head ran twice in one forward call with labels; 'loss' computes its "
                                "loss in the head's one call")
-        call.loss = causal_lm_loss(hidden, head.weight, call.labels, chunk_size=chunk_size,
-                                   num_items_in_batch=call.num_items_in_batch, bias=head.bias, transform=transform)
+        if call.shift_labels is not None:  # position t predicts shift_labels[:, t]: no shift here
+            call.loss = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
+                                              call.shift_labels.reshape(-1).to(hidden.device), chunk_size=chunk_size,
+                                              num_items_in_batch=call.num_items_in_batch, bias=head.bias,
+                                              transform=transform)
+        else:
+            call.loss = causal_lm_loss(hidden, head.weight, call.labels, chunk_size=chunk_size,
+                                       num_items_in_batch=call.num_items_in_batch, bias=head.bias, transform=transform)
         return hidden.new_empty(*hidden.shape[:-1], 0)  # the model's own steps after the head cost nothing on it
 
     return forward

@@ -84,12 +84,24 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Column holding the document text."})
     add_eos: bool = field(default=True, metadata={"help": "Append the tokenizer's EOS token to every document."})
     max_documents: int | None = field(default=None, metadata={"help": "Use only the first N documents."})
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Several documents per sequence, positions restarting at each (block-diagonal attention). "
+                  "false: each sequence is context_length tokens of one document (context parallelism needs it)."},
+    )
+    context_parallel_size: int = field(
+        default=1,
+        metadata={"help": "GPUs that share one sequence (accelerate ParallelismConfig cp_size, FSDP2, CUDA SDPA); "
+                  "the launch's processes must be a multiple of it."},
+    )
 
     def __post_init__(self):
         if self.dataset is None:
             raise ValueError("`dataset` is required: a local data file/folder or a Hub dataset name")
         if self.context_length is None or self.context_length < 2:
             raise ValueError(f"`context_length` must be an integer >= 2, got {self.context_length!r}")
+        if self.context_parallel_size < 1:
+            raise ValueError(f"`context_parallel_size` must be >= 1, got {self.context_parallel_size}")
 
 
 @dataclass

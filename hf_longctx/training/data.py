@@ -9,6 +9,11 @@ eager and sdpa attention implementations, so no token attends across documents a
 document sees exactly what it would see alone. The first token of each document gets no
 label: it would be predicted from the previous document. A document longer than the
 remaining room is cut, and its rest starts the next sequence at position 0 again.
+
+Without packing (``packing=False``, what context parallelism needs: its attention is causal over
+the whole sequence, with no document mask) every sequence is ``context_length`` consecutive
+tokens of one document, positions from 0; documents shorter than that, and the remainder of
+longer ones, are dropped.
 """
 
 from __future__ import annotations
@@ -42,14 +47,27 @@ def load_documents(source: str, *, config: str | None = None, split: str = "trai
     return load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
 
 
-def pack_documents(documents: Iterable[list[int]], context_length: int) -> Iterator[dict[str, list[int]]]:
-    """Pack token lists into sequences of ``context_length`` tokens.
+def pack_documents(documents: Iterable[list[int]], context_length: int,
+                   packing: bool = True) -> Iterator[dict[str, list[int]]]:
+    """Pack token lists into sequences of ``context_length`` tokens (one document per sequence without ``packing``).
 
     Yields ``{"input_ids", "position_ids", "labels"}``, each a list of ``context_length`` ints:
     ``position_ids`` count from 0 within each document (piece), ``labels`` equal ``input_ids``
     except ``IGNORE_INDEX`` at each document's first token. The last, incomplete sequence is
     dropped.
     """
+    if not packing:
+        dropped = 0
+        for document in documents:
+            document = list(document)
+            whole = len(document) // context_length * context_length
+            dropped += len(document) - whole
+            for start in range(0, whole, context_length):
+                ids = document[start : start + context_length]
+                yield {"input_ids": ids, "position_ids": list(range(context_length)), "labels": [IGNORE_INDEX, *ids[1:]]}
+        logger.info("without packing, %d tokens of documents or remainders shorter than %d were dropped", dropped,
+                    context_length)
+        return
     ids: list[int] = []
     positions: list[int] = []
     for document in documents:
@@ -79,14 +97,14 @@ def tokenize_documents(documents: Dataset, tokenizer, text_column: str = "text",
     return documents.map(tokenize, batched=True, remove_columns=documents.column_names, desc="tokenizing")
 
 
-def _packed_rows(tokenized: Dataset, context_length: int) -> Iterator[dict[str, list[int]]]:
-    yield from pack_documents((row["input_ids"] for row in tokenized), context_length)
+def _packed_rows(tokenized: Dataset, context_length: int, packing: bool = True) -> Iterator[dict[str, list[int]]]:
+    yield from pack_documents((row["input_ids"] for row in tokenized), context_length, packing)
 
 
-def packed_dataset(tokenized: Dataset, context_length: int) -> Dataset:
+def packed_dataset(tokenized: Dataset, context_length: int, packing: bool = True) -> Dataset:
     """The packed training set (see :func:`pack_documents`) of a tokenized dataset."""
     packed = Dataset.from_generator(
-        _packed_rows, gen_kwargs={"tokenized": tokenized, "context_length": context_length}
+        _packed_rows, gen_kwargs={"tokenized": tokenized, "context_length": context_length, "packing": packing}
     )
     logger.info("packed %d documents into %d sequences of %d tokens", len(tokenized), len(packed), context_length)
     if len(packed) == 0:

@@ -1,6 +1,8 @@
 """The fine-tuning pipeline behind ``recipes/finetune.py``.
 
-load the model (pretrained, or random from a config) -> ``hf_longctx.patch`` -> optional
+load the model (pretrained, or random from a config) -> ``hf_longctx.patch`` -> with
+``context_parallel_size`` > 1, the checks and accelerate ``ParallelismConfig`` of
+:mod:`.context_parallel` -> optional
 LoRA (LongLoRA: adapters on the attention projections, embeddings and norms trained in
 full) -> documents -> tokenized -> packed to ``context_length`` -> ``transformers.Trainer``
 (FSDP2, activation checkpointing, mixed precision, gradient accumulation, LR schedule,
@@ -30,7 +32,9 @@ from transformers import (
 from .. import compat, loading
 from ..hub import from_pretrained, push_to_hub, save_pretrained
 from ..patching import patch
+from ..spec import load_spec
 from .arguments import DataArguments, LoraArguments, ModelArguments, parse_args
+from .context_parallel import check_context_parallel, parallelism_config
 from .data import load_documents, packed_dataset, tokenize_documents
 from .fsdp import check_sharded, enable_cpu_fsdp, fsdp_requested, prepare_cpu_fsdp
 
@@ -104,7 +108,7 @@ def build_dataset(data_args: DataArguments, tokenizer, training_args: TrainingAr
         if data_args.max_documents is not None:
             documents = documents.select(range(min(data_args.max_documents, len(documents))))
         tokenized = tokenize_documents(documents, tokenizer, data_args.text_column, data_args.add_eos)
-        return packed_dataset(tokenized, data_args.context_length)
+        return packed_dataset(tokenized, data_args.context_length, data_args.packing)
 
 
 class LongContextTrainer(Trainer):
@@ -128,6 +132,13 @@ def _move_activation_checkpointing_to_fsdp(training_args: TrainingArguments) -> 
     if fsdp_requested() and getattr(training_args, compat.ACTIVATION_CHECKPOINTING):
         os.environ["FSDP_ACTIVATION_CHECKPOINTING"] = "true"
         setattr(training_args, compat.ACTIVATION_CHECKPOINTING, False)
+
+
+def _check_one_checkpointing(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    tiling = load_spec(model_args.patch).tiling if model_args.patch is not None else None
+    if tiling is not None and tiling.checkpointing and getattr(training_args, compat.ACTIVATION_CHECKPOINTING):
+        raise ValueError(f"the patch's tiling checkpoints every layer already (checkpointing: true); set "
+                         f"{compat.ACTIVATION_CHECKPOINTING}: false, or tiling.checkpointing: false")
 
 
 def merge_adapter(model_args: ModelArguments, seed: int, adapter_dir: str | Path) -> PreTrainedModel:
@@ -172,9 +183,16 @@ def run(
 ) -> Trainer:
     """The whole recipe; returns the trainer after training and saving."""
     push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed below, with the model card
+    _check_one_checkpointing(model_args, training_args)
     _move_activation_checkpointing_to_fsdp(training_args)
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, training_args.seed)
+    if data_args.context_parallel_size > 1:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_context_parallel(model, data_args.context_parallel_size, data_args.context_length, data_args.packing,
+                               world_size)
+        training_args.parallelism_config = parallelism_config(data_args.context_parallel_size, world_size)
+        logger.info("context parallelism: %s", training_args.parallelism_config)
     if lora_args.lora:
         model = add_lora(model, lora_args)
     train_dataset = build_dataset(data_args, tokenizer, training_args)
