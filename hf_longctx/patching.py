@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
+from transformers import PreTrainedConfig
 
 from .config_base import SECTION_CLASSES, SectionSpec, SpecError
 from .families import get_family
@@ -286,9 +287,17 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _restore_config(config, snapshot: dict[str, Any]) -> None:
-    # Modules keep references to the config object itself, so restore its contents in place.
+    """Modules keep references to the config object itself and to its sub-configs (a multimodal model's
+    language model reads ``config.text_config``), so restore their contents in place, recursively."""
+    current = dict(config.__dict__)
     config.__dict__.clear()
-    config.__dict__.update(copy.deepcopy(snapshot))
+    for key, value in snapshot.items():
+        now = current.get(key)
+        if isinstance(value, PreTrainedConfig) and type(now) is type(value) and now is not config:
+            _restore_config(now, value.__dict__)
+            config.__dict__[key] = now
+        else:
+            config.__dict__[key] = copy.deepcopy(value)
 
 
 def _check_conflicts(recorded: dict[str, Any], sections: dict[str, SectionSpec]) -> None:

@@ -5,6 +5,7 @@ Used by the tests, the benchmarks and the demo; ``cpu_name`` labels the benchmar
 
 from __future__ import annotations
 
+import copy
 import platform
 from pathlib import Path
 from typing import Any
@@ -230,14 +231,25 @@ def long_context_model(name: str, seed: int = 0, **overrides: Any) -> PreTrained
     return model.eval()
 
 
-def _transformers_rotation(config, layer_type: str | None, length: int) -> tuple[list[float], float]:
-    """transformers' own frequencies and attention factor of the config's rope at ``length`` tokens."""
+def _transformers_rotation(config, layer_type: str | None, length: int,
+                           rotary_class: type | None = None) -> tuple[list[float], float]:
+    """transformers' own frequencies and attention factor of the config's rope at ``length`` tokens: from a
+    rotary module of ``rotary_class`` built from the config where given (a model may read its own keys, as
+    Gemma 4's global layers read ``global_head_dim``), else from transformers' rope functions."""
     import math
 
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
     kind = params.get("rope_type", "default")
+    if rotary_class is not None:
+        rotary = rotary_class(config=copy.deepcopy(config))
+        prefix = "" if layer_type is None else f"{layer_type}_"
+        with torch.no_grad():
+            rotary(torch.zeros(1, 1, 1), torch.tensor([[0, length - 1]]),
+                   **({} if layer_type is None else {"layer_type": layer_type}))
+        inv_freq = getattr(rotary, f"{prefix}inv_freq")
+        return [float(v) for v in inv_freq.double()], float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
     if kind == "default":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
@@ -248,11 +260,12 @@ def _transformers_rotation(config, layer_type: str | None, length: int) -> tuple
     return [float(v) for v in inv_freq.double()], float(attention)
 
 
-def reference_stacked_rotation(config, section: dict, length: int,
-                               layer_type: str | None = None) -> tuple[list[float], float]:
+def reference_stacked_rotation(config, section: dict, length: int, layer_type: str | None = None,
+                               rotary_class: type | None = None) -> tuple[list[float], float]:
     """The frequencies and attention factor that ``section`` stacked on ``config``'s shipped rope gives at a
     sequence of ``length`` tokens, computed frequency by frequency from the rule in the docs (README, "RoPE on
-    checkpoints that are already scaled"), on transformers' own shipped frequencies: the tests' oracle."""
+    checkpoints that are already scaled"), on transformers' own shipped frequencies (those of ``rotary_class``,
+    the model's unpatched rotary class, where given): the tests' oracle."""
     import math
 
     params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
@@ -263,8 +276,8 @@ def reference_stacked_rotation(config, section: dict, length: int,
     # the shipped rotation in the regime this length falls in after stacking (the switch moves by the factor)
     shipped_length = length if switch is None or kind in ("dynamic", "longrope") else (
         switch + 1 if length > switch * factor else 1)
-    current, attention = _transformers_rotation(config, layer_type, shipped_length)
-    at_context, _ = _transformers_rotation(config, layer_type, context)
+    current, attention = _transformers_rotation(config, layer_type, shipped_length, rotary_class)
+    at_context, _ = _transformers_rotation(config, layer_type, context, rotary_class)
     n = sum(1 for w in current if w != 0)
 
     def ntk(f):

@@ -96,10 +96,20 @@ def _worker(out: Path) -> None:
                               no_restore_buffers={index, labels, shift_labels}):
             pass
         owned.append(index[0].tolist())
+        # attention over a sharded sequence needs CUDA in torch: the decoder runs on the whole sequence and
+        # its output is cut to this rank's positions, where the model's head and loss take over.
         decoder = hf_longctx.families.get_family(model).decoder(model)
-        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-        loss = model.get_output_embeddings()(hidden[:, index[0]], labels=labels, shift_labels=shift_labels,
-                                              num_items_in_batch=num_items)
+
+        def shard(_module, _args, output, positions=index[0]):
+            output.last_hidden_state = output.last_hidden_state[:, positions]
+            return output
+
+        hook = decoder.register_forward_hook(shard)
+        try:
+            loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=labels,
+                         shift_labels=shift_labels, num_items_in_batch=num_items).loss
+        finally:
+            hook.remove()
         loss = loss * world  # Trainer.compute_loss: times num_processes under average_tokens_across_devices
         loss.backward()
         reported = loss.detach().clone()

@@ -115,3 +115,30 @@ def test_patch_then_unpatch_then_patch_again():
     hl.patch(model, "yarn-4x")
     with torch.no_grad():
         assert torch.equal(model(x).logits, first)
+
+
+@pytest.mark.parametrize("first", [{"attention": {"sliding_window": 96}}, {"rope": {"type": "linear", "factor": 2}}])
+def test_unpatch_keeps_the_sub_config_that_a_multimodal_decoder_reads(first):
+    """Gemma 3 4B+ (Gemma3ForConditionalGeneration): the language model reads config.text_config; after an
+    unpatch, a second patch must still reach it (a restored copy would leave the decoder on the old object)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_longctx.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gemma3")).eval()
+    decoder = hl.families.get_family(model).decoder(model)
+    x = tokens(length=24)
+    hl.patch(model, first)
+    hl.unpatch(model)
+    assert decoder.config is model.config.text_config
+    with torch.no_grad():
+        unpatched = model(x).logits
+    hl.patch(model, {"attention": {"sliding_window": 4, "sink_tokens": 2}})
+    fresh = AutoModelForCausalLM.from_config(tiny_config("gemma3")).eval()
+    fresh.load_state_dict(model.state_dict())
+    hl.patch(fresh, {"attention": {"sliding_window": 4, "sink_tokens": 2}})
+    with torch.no_grad():
+        windowed = model(x).logits
+        assert torch.equal(windowed, fresh(x).logits)
+    assert (windowed - unpatched).abs().max() > 1e-3

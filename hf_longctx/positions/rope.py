@@ -11,8 +11,8 @@ Per-layer-type rotary (Gemma 3: ``rope_parameters`` keyed by layer type, one rot
 ``full_attention``; the other types keep their rotation. NoPE layers stay NoPE (they never read
 the rotary embedding) and partial rotary keeps its pass-through dimensions (the rotary dimension
 is read off the module's ``inv_freq``). Rotary modules that carry their own copy of the config
-(Granite SWA: one per theta) are rebuilt as the model builds them: from the scaled config with
-their own theta.
+(Granite SWA: one per theta, keyed by it) are rebuilt as the model builds them: from the scaled config
+with their own theta; static NTK scales every base the config holds (``layer_rope_theta`` too).
 
 The section scales relative to a base length: ``rope.original_max_position_embeddings`` if
 given, else the model's current context ``max_position_embeddings`` (``mode: stack``, the
@@ -57,8 +57,9 @@ _ORIGINAL: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.Weak
 # models whose stacked rotation lives in memory only (no rope type of transformers expresses it)
 _IN_MEMORY: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 _ROPE_KEYS = ("rope_parameters", "max_position_embeddings")
-# Phi-3 style configs keep the pre-extension length beside rope_parameters too (it wins on load)
-_OPTIONAL_KEYS = ("original_max_position_embeddings",)
+# Phi-3 style configs keep the pre-extension length beside rope_parameters too (it wins on load); Granite SWA
+# style configs a theta per layer that overrides rope_parameters' (0: NoPE), keying the rotary copies by it
+_OPTIONAL_KEYS = ("original_max_position_embeddings", "layer_rope_theta")
 
 
 def _keys(config) -> tuple[str, ...]:
@@ -159,12 +160,17 @@ def rotary_dims(model: nn.Module) -> dict[str | None, int]:
     return dims
 
 
+def _ntk_theta(theta: float, factor: float, dim: int) -> float:
+    """Static NTK's larger base for a rotary dimension ``dim``."""
+    return theta * factor ** (dim / (dim - 2))
+
+
 def _scaled_params(original: dict[str, Any], section: RopeSpec, trained: int, factor: float, dim: int) -> dict:
     """One ``rope_parameters`` dict (flat, or one layer type's) of an unscaled rope scaled by ``section``."""
     params = {k: v for k, v in original.items() if k in ("rope_theta", "partial_rotary_factor")}
     params.update(stacking.family_keys(original))
     if section.type == "ntk":
-        params.update(rope_type="default", rope_theta=original["rope_theta"] * factor ** (dim / (dim - 2)))
+        params.update(rope_type="default", rope_theta=_ntk_theta(original["rope_theta"], factor, dim))
         return params
     params.update(rope_type=section.type, factor=factor)
     if section.type in ("linear", "dynamic"):
@@ -278,6 +284,9 @@ def _plan(model: nn.Module, section: RopeSpec) -> Plan:
             plan.values["rope_parameters"] = scaled
         else:
             plan.values["rope_parameters"][layer_type] = scaled
+    thetas = getattr(config, "layer_rope_theta", None)
+    if thetas and section.type == "ntk" and types is None:  # every layer's base, as the flat one
+        plan.values["layer_rope_theta"] = [_ntk_theta(t, factor, dims[None]) if t else t for t in thetas]
     switch = plan.values["rope_parameters"].get("original_max_position_embeddings") if types is None else None
     if "original_max_position_embeddings" in config.__dict__ and switch is not None and not plan.kind:
         plan.values["original_max_position_embeddings"] = switch  # Phi-3: the top-level value wins on load
@@ -332,14 +341,17 @@ def _rebuilt(model: nn.Module, before: dict[str, Any]) -> dict[str, nn.Module]:
     its values before (a rotary whose config copy has the same theta as they had simply takes the new ones)."""
     shared = text_config(model)
     shared_theta = (before["rope_parameters"] or {}).get("rope_theta")
+    # a theta per layer (Granite SWA), scaled where the section moves the base (ntk): old -> new
+    thetas = dict(zip(before.get("layer_rope_theta") or (), getattr(shared, "layer_rope_theta", None) or ()))
     fresh = {}
     for path, (module, config) in _rotaries(model).items():
         if config is not shared and config.rope_parameters.get("rope_theta") == shared_theta:
             config = shared
         if config is not shared:
-            # a copy with its own theta (Granite SWA): the scaled shared values, its own theta kept, as
-            # the model builds such copies from a natively scaled config
+            # a copy with its own theta (Granite SWA): the scaled shared values and its own theta, as the
+            # model builds such copies from a natively scaled config (which keys them by that theta)
             theta = config.rope_parameters.get("rope_theta")
+            theta = thetas.get(theta, theta)
             config = copy.deepcopy(config)
             for key in _ROPE_KEYS:
                 setattr(config, key, copy.deepcopy(getattr(shared, key)))
