@@ -315,8 +315,16 @@ def _shipped_scaling(model) -> bool:
 
 
 def _rope(model, unpatch_errors: list[str]) -> Cell:
-    x = _tokens(LONG, model.config.get_text_config(decoder=True).vocab_size)
+    text = model.config.get_text_config(decoder=True)
+    x = _tokens(LONG, text.vocab_size)
     unpatched = _logits(model, x)
+    trained = getattr(text, "max_position_embeddings", None) or 0
+    if TRAINED < trained <= 128:  # a tiny config that keeps a longer context than TRAINED: reach past it
+        longer = _tokens(3 * trained, text.vocab_size)
+        try:
+            x, unpatched = longer, _logits(model, longer)
+        except Exception:  # noqa: BLE001  absolute position tables end there: the rope section is refused anyway
+            pass
     if _shipped_scaling(model):
         cells = {t: _stacked_rope_type(model, t, unpatch_errors) for t in ROPE_TYPES}
     else:

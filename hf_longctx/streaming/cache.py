@@ -46,7 +46,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
 from ..families import get_family
 from .rotation import ROTATE_HALF, RotaryLayout, rotate_keys, shift_factors, shift_keys_
@@ -288,6 +288,43 @@ class SinkCacheLayer(CacheLayerMixin):
             self._select_rows(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
 
 
+class SinkLinearAttentionLayer(SinkCacheLayer, LinearAttentionLayer):
+    """A layer that holds attention keys and a recurrent state side by side (Falcon-H1: a Mamba-2 mixer beside
+    the attention of every layer; transformers' ``LinearAttentionAnd*AttentionLayer``): the keys as a
+    :class:`SinkCacheLayer`, the convolution and recurrent states as transformers' own ``LinearAttentionLayer``
+    (fixed size; every token of the stream enters them)."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, number_of_states: int, num_sink_tokens: int, window_length: int,
+                 left_padding: torch.Tensor | None = None, layout: RotaryLayout | None = ROTATE_HALF):
+        SinkCacheLayer.__init__(self, num_sink_tokens, window_length, left_padding, layout)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        # Cache.update passes (keys, values); the state updates pass conv_states / recurrent_states by keyword
+        if len(args) == 2 and not kwargs:
+            SinkCacheLayer.lazy_initialization(self, *args)
+            self.dtype = args[0].dtype
+        else:
+            LinearAttentionLayer.lazy_initialization(self, *args, **kwargs)
+
+    def reset(self) -> None:
+        SinkCacheLayer.reset(self)
+        LinearAttentionLayer.reset(self)
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        SinkCacheLayer._select_rows(self, index)
+        LinearAttentionLayer.reorder_cache(self, index)  # index_select on every state's batch rows
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        rows = next((t.shape[0] for t in (self.key_buffer, *self.conv_states.values(), *self.recurrent_states.values())
+                     if isinstance(t, torch.Tensor)), None)
+        if rows is not None:
+            self._select_rows(torch.arange(rows).repeat_interleave(repeats))
+
+
 def _unbound_error() -> ValueError:
     return ValueError(
         "SinkCache has to re-rotate cached keys but does not know the rotary embedding: "
@@ -371,20 +408,24 @@ class SinkCache(Cache):
         from .structure import default_layers, is_attention_layer
 
         model = self._model_ref()
-        self.layers = [self._new_layer(index) if is_attention_layer(layer) else layer
+        self.layers = [self._new_layer(index, layer) if is_attention_layer(layer) else layer
                        for index, layer in enumerate(default_layers(model))]
         self._first_attention = next((i for i, layer in enumerate(self.layers) if isinstance(layer, SinkCacheLayer)), 0)
 
-    def _new_layer(self, index: int | None = None) -> SinkCacheLayer:
+    def _new_layer(self, index: int | None = None, default=None) -> SinkCacheLayer:
         """Layer ``index`` (default: the next one): sinks + window, or the layer's own native window where that
-        is no wider (hybrid models' local layers keep exactly their native attention)."""
+        is no wider (hybrid models' local layers keep exactly their native attention). ``default``: the model's
+        own cache layer it stands in for; one that also holds a recurrent state keeps it beside the keys."""
         index = len(self.layers) if index is None else index
         native = self._native_windows[index] if index < len(self._native_windows) else None
+        native = getattr(default, "sliding_window", None) or native
         layout = self._layouts.get(index) if self._model_ref is not None else ROTATE_HALF  # bound: as probed
-        if native is not None and native <= self.num_sink_tokens + self.window_length:
-            layer = SinkCacheLayer(0, native, self._left_padding, layout)
+        sinks, window = ((0, native) if native is not None and native <= self.num_sink_tokens + self.window_length
+                         else (self.num_sink_tokens, self.window_length))
+        if isinstance(default, LinearAttentionLayer):
+            layer = SinkLinearAttentionLayer(default.number_of_states, sinks, window, self._left_padding, layout)
         else:
-            layer = SinkCacheLayer(self.num_sink_tokens, self.window_length, self._left_padding, layout)
+            layer = SinkCacheLayer(sinks, window, self._left_padding, layout)
         layer.is_sliding = native is not None  # transformers builds each mask type from a layer of that type
         return layer
 

@@ -5,8 +5,9 @@ The layers come from the model's own default cache, built as ``generate`` builds
 (``DynamicCache(config=text config)``): its attention layers (``DynamicLayer``, ``DynamicSlidingWindowLayer``)
 are the ones a :class:`~hf_longctx.streaming.SinkCache` replaces; linear-attention, SSM and convolution layers
 (``LinearAttentionLayer``: a fixed-size state, whatever the stream's length) and layers without a cache
-(``DummyLayer``) are kept as transformers builds them. Any other kind (an indexer cache that grows with the
-stream, a layer holding both keys and a recurrent state) is refused.
+(``DummyLayer``) are kept as transformers builds them; a layer holding both keys and a recurrent state
+(``LinearAttentionAnd*AttentionLayer``, Falcon-H1) gets a sink layer that keeps the state beside the keys.
+Any other kind (an indexer cache that grows with the stream) is refused.
 
 The rotary layout is found by running the model twice on the same tokens, at positions ``0..n-1`` and
 ``delta..delta+n-1``, and asking which rotation of which slice of which cached tensor turns the first
@@ -29,6 +30,10 @@ from ..families import get_family, text_config
 from .rotation import RotaryLayout, rotate_keys
 
 ATTENTION_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # exactly these classes: subclasses hold more
+# keys and a recurrent state in one layer (Falcon-H1): a sink layer that keeps the state beside the keys
+HYBRID_LAYERS = tuple(getattr(cache_utils, name) for name in ("LinearAttentionAndFullAttentionLayer",
+                                                              "LinearAttentionAndSlidingWindowAttentionLayer")
+                      if hasattr(cache_utils, name))
 _RECURRENT = cache_utils.LinearAttentionCacheLayerMixin
 _DUMMY = getattr(cache_utils, "DummyLayer", None)  # layers without a cache (not in every release)
 
@@ -42,7 +47,8 @@ def default_layers(model: nn.Module) -> list:
 
 
 def is_attention_layer(layer) -> bool:
-    return type(layer) in ATTENTION_LAYERS
+    """A layer whose keys a sink layer holds (with the recurrent state beside them for a hybrid layer)."""
+    return type(layer) in ATTENTION_LAYERS + HYBRID_LAYERS
 
 
 def is_kept_layer(layer) -> bool:
