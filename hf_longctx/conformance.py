@@ -314,20 +314,26 @@ def _shipped_scaling(model) -> bool:
     return rope_types(model.config.get_text_config(decoder=True)) - {"default"} != set()
 
 
-def _rope(model, unpatch_errors: list[str]) -> Cell:
+def _rope_input(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rope cells' input and the unpatched logits on it: past the trained length, 3x a tiny config's own
+    longer context (up to 128) where the model runs that far, else LONG tokens."""
     text = model.config.get_text_config(decoder=True)
-    x = _tokens(LONG, text.vocab_size)
-    unpatched = _logits(model, x)
     trained = getattr(text, "max_position_embeddings", None) or 0
-    if TRAINED < trained <= 128:  # a tiny config that keeps a longer context than TRAINED: reach past it
-        longer = _tokens(3 * trained, text.vocab_size)
+    if TRAINED < trained <= 128:
+        x = _tokens(3 * trained, text.vocab_size)
         try:
-            x, unpatched = longer, _logits(model, longer)
+            return x, _logits(model, x)
         except Exception:  # noqa: BLE001  absolute position tables end there: the rope section is refused anyway
             pass
+    x = _tokens(LONG, text.vocab_size)
+    return x, _logits(model, x)
+
+
+def _rope(model, unpatch_errors: list[str]) -> Cell:
     if _shipped_scaling(model):
         cells = {t: _stacked_rope_type(model, t, unpatch_errors) for t in ROPE_TYPES}
     else:
+        x, unpatched = _rope_input(model)
         cells = {t: _rope_type(model, t, x, unpatched, unpatch_errors) for t in ROPE_TYPES}
     passed = [t for t, c in cells.items() if c.status == "pass"]
     refused = {t: c.reason for t, c in cells.items() if c.status == "refused"}
