@@ -11,6 +11,7 @@ everything, ALiBi and learned parameters included, round-trips and ``unpatch`` s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -26,6 +27,7 @@ from transformers import PretrainedConfig
 from .extend import section_from_dual_chunk_config
 from .loading import load_config, load_model, resolve
 from .patching import applied_sections, base_model, config_before_patches, patch, technique
+from .serving import AS_SAVED, Row, serving_rows, serving_table
 
 logger = logging.getLogger(__name__)
 
@@ -60,25 +62,53 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> Path:
     for name in applied_sections(target):
         native_save = technique(name).save
         if native_save is not None and native_save(model, path, kwargs.get("state_dict")):
+            _log_serving(serving(model, json.loads((path / "config.json").read_text())))
             return path
-    native = {}
-    for name, params in applied_sections(target).items():
-        hook = technique(name).native_config
-        native.update((hook(target, params) if hook is not None else None) or {})
-    snapshot = config_before_patches(target) if native else {}
-    base_values = {**{k: _plain(snapshot.get(k)) for k in native}, **_changed_config_values(target)}
-    in_memory = {k: target.config.__dict__.get(k) for k in native}
-    target.config.__dict__.update(native, hf_longctx_base=base_values)
-    try:
+    with _as_saved(target) as rows:
         target.save_pretrained(path, safe_serialization=True, **kwargs)
-    finally:
-        del target.config.hf_longctx_base
-        target.config.__dict__.update(in_memory)
+    _log_serving(rows)
     extra = getattr(model, "hf_longctx_extra_state_dict", None)
     if extra is not None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in extra().items()}
         save_file(tensors, str(path / EXTRA_WEIGHTS), metadata={"format": "pt"})
     return path
+
+
+@contextlib.contextmanager
+def _as_saved(target: nn.Module):
+    """The model's config set, for the duration, to what config.json holds (native forms, the recorded base
+    values); yields the serving rows of that config."""
+    native, rope_in_memory = {}, False
+    for name, params in applied_sections(target).items():
+        hook = technique(name).native_config
+        values = (hook(target, params) if hook is not None else None) or {}
+        rope_in_memory = rope_in_memory or (name == "rope" and bool(values))  # rope writes the shipped values
+        native.update(values)
+    snapshot = config_before_patches(target) if native else {}
+    base_values = {**{k: _plain(snapshot.get(k)) for k in native}, **_changed_config_values(target)}
+    in_memory = {k: target.config.__dict__.get(k) for k in native}
+    target.config.__dict__.update(native, hf_longctx_base=base_values)
+    try:
+        yield serving_rows(target.config.to_dict(), applied_sections(target), rope_in_memory)
+    finally:
+        del target.config.hf_longctx_base
+        target.config.__dict__.update(in_memory)
+
+
+def serving(model: nn.Module, config: dict | None = None) -> list[Row]:
+    """How vLLM, SGLang and llama.cpp serve the checkpoint :func:`save_pretrained` writes for ``model`` (one
+    :class:`~hf_longctx.serving.Row` per engine); ``config``: the config.json already written, if any."""
+    target = base_model(model)
+    if config is not None:
+        return serving_rows(config, applied_sections(target))
+    with _as_saved(target) as rows:
+        return rows
+
+
+def _log_serving(rows: list[Row]) -> None:
+    for row in rows:
+        if row.status != AS_SAVED:
+            logger.warning("hf_longctx: %s", row.line())
 
 
 def from_pretrained(path_or_repo: str | Path, *, gguf_file: str | None = None, **kwargs: Any) -> nn.Module:
@@ -216,6 +246,10 @@ def model_card(
         "transformers' own form, so plain `AutoModelForCausalLM.from_pretrained` loads them too; other patches "
         "are re-applied by `hf_longctx.from_pretrained`.",
     ]
+    lines += ["", "## Serving", "",
+              "What the inference engines do with this checkpoint (the engine releases are named; each row of "
+              "vLLM and SGLang is checked against the engine's own rope code by hf_longctx's tests):", ""]
+    lines += serving_table(serving(model))
     if evaluation:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in evaluation.items()]

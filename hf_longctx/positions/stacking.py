@@ -35,7 +35,8 @@ a function of the length, not a state to stack on).
 
 Native form. A static result is one set of frequencies per length regime and one attention factor:
 transformers' ``longrope`` holds exactly that (``short_factor``/``long_factor`` the ratios of the unscaled
-frequencies to the stacked ones, an explicit ``attention_factor``), and linear on ``linear`` or
+frequencies to the stacked ones, an explicit ``attention_factor``, repeated as ``short_mscale`` / ``long_mscale``,
+the keys vLLM and SGLang read for the same value), and linear on ``linear`` or
 ``proportional`` is the same type with the factors multiplied. Each candidate is computed with
 transformers' own rope function and used only when it reproduces the stacked frequencies; otherwise (and
 for ``dynamic`` on top) the rotary modules are rebuilt from the shipped config and given the stacked
@@ -235,7 +236,7 @@ def exact_factors(frequencies: torch.Tensor, powers: torch.Tensor) -> list[float
 # its attention) belongs to the family and is kept as shipped.
 ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
              "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate", "low_freq_factor",
-             "high_freq_factor", "short_factor", "long_factor"}
+             "high_freq_factor", "short_factor", "long_factor", "short_mscale", "long_mscale"}
 
 
 def family_keys(params: dict) -> dict:
@@ -260,6 +261,10 @@ def longrope_params(params: dict, result: Frequencies, dim: int, context: int, n
         original_max_position_embeddings=switch,
         factor=new_context / switch,
         attention_factor=float(result.attention),
+        # vLLM and SGLang ignore attention_factor for longrope and read these (else they compute their own);
+        # transformers reads attention_factor: both name the same value
+        short_mscale=float(result.attention),
+        long_mscale=float(result.attention),
     )
     return out
 
