@@ -263,7 +263,7 @@ def _transformers_rotation(config, layer_type: str | None, length: int,
 def reference_stacked_rotation(config, section: dict, length: int, layer_type: str | None = None,
                                rotary_class: type | None = None) -> tuple[list[float], float]:
     """The frequencies and attention factor that ``section`` stacked on ``config``'s shipped rope gives at a
-    sequence of ``length`` tokens, computed frequency by frequency from the rule in the docs (README, "RoPE on
+    sequence of ``length`` tokens, computed frequency by frequency from the rule in docs/positions.md ("RoPE on
     checkpoints that are already scaled"), on transformers' own shipped frequencies (those of ``rotary_class``,
     the model's unpatched rotary class, where given): the tests' oracle."""
     import math
