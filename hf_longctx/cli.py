@@ -85,6 +85,9 @@ def cmd_patch(args) -> None:
 
     spec = load_spec(args.spec or args.preset)  # validated before the model is loaded
     model = patch(load_model(args), spec)
+    if args.out.endswith(".gguf"):
+        _write_gguf(args, model, spec)
+        return
     out = save_pretrained(model, args.out)
     tokenizer = load_tokenizer(args, model)
     shipped = tokenizer if hasattr(tokenizer, "save_pretrained") else None  # not the bytes fallback
@@ -93,6 +96,25 @@ def cmd_patch(args) -> None:
     print(f"Wrote {out} ({', '.join(spec.sections())})")
     if args.push_to_hub:
         print(f"Pushed: {push_to_hub(model, args.push_to_hub, tokenizer=shipped)}")
+
+
+def _write_gguf(args, model, spec) -> None:
+    """--out FILE.gguf: a GGUF for llama.cpp; from a GGUF source its quantized tensors and tokenizer are kept."""
+    from .loading import resolve
+    from .serving.gguf import write_gguf
+
+    if args.push_to_hub:
+        raise SystemExit("hf-longctx patch: --push-to-hub writes a transformers folder; not with --out FILE.gguf")
+    source = resolve(args.model, args.gguf_file)
+    if source.gguf_file and source.local:
+        out = write_gguf(model, args.out, source=Path(source.location) / source.gguf_file)
+    elif source.local and (Path(source.location) / "tokenizer.json").is_file():
+        out = write_gguf(model, args.out, tokenizer=source.location, dtype=args.gguf_dtype)
+    else:
+        raise SystemExit(f"hf-longctx patch: {args.model} has no tokenizer.json for the GGUF file; give a local "
+                         "folder with one, or a .gguf file")
+    print(f"Wrote {out} ({', '.join(spec.sections())}; llama.cpp: llama-cli -m {out} -c "
+          f"{model.config.get_text_config(decoder=True).max_position_embeddings})")
 
 
 def _evaluation_text(args, tokenizer):
@@ -269,7 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     which = patch.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", help="a preset name (see `hf-longctx presets`)")
     which.add_argument("--spec", help="a YAML spec file")
-    patch.add_argument("--out", required=True, help="folder to write the patched model to")
+    patch.add_argument("--out", required=True, help="folder to write the patched model to, or FILE.gguf for llama.cpp "
+                       "(from a .gguf MODEL: its quantized tensors and tokenizer kept, the rope rewritten)")
+    patch.add_argument("--gguf-dtype", default="f32", choices=("f32", "f16"),
+                       help="tensor type of a GGUF written from a model folder (default: %(default)s)")
     patch.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo, with a model card")
     patch.set_defaults(run=cmd_patch)
 

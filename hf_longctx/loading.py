@@ -106,7 +106,14 @@ def load_config(source: ModelSource, **kwargs: Any):
     """The source's transformers config (``kwargs``: ``revision``, ``token``, ``cache_dir``, ...)."""
     from transformers import AutoConfig
 
-    return _gguf_errors(source, lambda: AutoConfig.from_pretrained(source.location, **source.kwargs(), **kwargs))
+    config = _gguf_errors(source, lambda: AutoConfig.from_pretrained(source.location, **source.kwargs(), **kwargs))
+    if source.gguf_file and source.local:
+        from .serving.gguf import read_record
+
+        record = read_record(Path(source.location) / source.gguf_file)
+        if record:  # written by hf_longctx: the patch and the values it replaced (its rope is in rope_freqs)
+            config.hf_longctx, config.hf_longctx_base = record["hf_longctx"], record["hf_longctx_base"]
+    return config
 
 
 def load_model(source: ModelSource, dtype: torch.dtype | str | None = None, **kwargs: Any):

@@ -212,7 +212,7 @@ def test_engine_rotation_is_what_the_serving_table_says(probed, name, engine):
 
 
 @pytest.mark.parametrize("name", ["llama3.yarn", "llama3.linear", "llama3.ntk", "llama3.llama3", "qwen2.yarn",
-                                  "default.longrope", "llama3.replace.yarn"])
+                                  "llama3.replace.yarn", "default.yarn", "default.linear", "default.llama3"])
 def test_stacked_static_ropes_are_served_as_saved(probed, name):
     """The README's first example (Llama 3.2's rope with yarn x4 on top) and every static rope stacked on a
     shipped one: vLLM and SGLang serve them as saved (their rotation was checked above)."""
