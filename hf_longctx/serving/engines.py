@@ -156,6 +156,10 @@ def _rope_rows(text: dict, rows: dict[str, Row]) -> None:
                             f"past position {original} rotates all its sequences with the long factors (transformers: "
                             "by each sequence's own length)", alone=(True, True))
                     continue
+            if engine == "vllm" and kind == "linear" and (layer_type == "all" or arch not in ("gemma3", "gemma3_text")):
+                row.how.append(f"vLLM's default --max-model-len multiplies max_position_embeddings by the linear "
+                               f"factor again ({max_position} x {params.get('factor')}): serve with --max-model-len "
+                               f"{max_position}")
             if arch not in CHECKED_ARCHS[engine] and scaled:
                 row.add(UNVERIFIED, f"the {kind} rope{where} of a {arch} model is not checked against {ENGINES[engine]}",
                         alone=(True, True))
@@ -247,9 +251,10 @@ def _window_rows(text: dict, rows: dict[str, Row]) -> None:
             text.get("max_window_layers") != text.get("num_hidden_layers"):
         rows["vllm"].add(NOT_SERVED, f"vLLM's {arch} refuses a sliding window on some layers only "
                          "(max_window_layers != num_hidden_layers)")
-    for key in ("llama.cpp", "gguf"):
-        if arch not in ("mistral",):
-            rows[key].add(UNVERIFIED, f"the sliding window of a {arch} model is not checked against llama.cpp")
+    for row in rows.values():
+        if row.status != NOT_SERVED:
+            row.add(UNVERIFIED, f"the native sliding window of a {arch} model is not checked against {row.name}",
+                    alone=(True, True))
 
 
 def _native_moe(config: dict) -> bool:
