@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--baseline-tokens", type=int, default=6144)
     parser.add_argument("--last", type=int, default=256)
     parser.add_argument("--converter", help="llama.cpp's convert_hf_to_gguf.py, for the converter row")
-    parser.add_argument("--out", default=str(HERE / "llama_cpp_agreement.json"))
+    parser.add_argument("--out", default=str(HERE / "results" / "llama_cpp_agreement.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     source = smollm2_gguf()
@@ -127,8 +127,11 @@ def main() -> None:
             hl.save_pretrained(stacked, saved)
             tokenizer.save_pretrained(saved)
             converted = tmp / "converted.gguf"
-            subprocess.run([sys.executable, args.converter, str(saved), "--outfile", str(converted),
-                            "--outtype", "f32"], check=True, capture_output=True)
+            done = subprocess.run([sys.executable, args.converter, str(saved), "--outfile", str(converted),
+                                   "--outtype", "f32"], capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"convert_hf_to_gguf.py failed, no converter row:\n{done.stderr[-2000:]}")
+                return
             record("stacked, convert_hf_to_gguf.py (float folder)", converted, stacked, args.tokens)
 
 
