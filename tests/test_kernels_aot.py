@@ -75,13 +75,18 @@ def test_occupancy_follows_the_cuda_rules():
 
 
 @pytest.mark.parametrize("capability, row", [((8, 0), 80), ((8, 6), 80), ((8, 9), 80), ((7, 5), 80),
-                                             ((9, 0), 90), ((10, 0), 90), ((12, 0), 90)])
+                                             ((9, 0), 90), ((10, 0), 90), ((12, 0), 80), (90, 90), (80, 80)])
 @pytest.mark.parametrize("head_dim, bucket", [(32, 64), (64, 64), (96, 128), (128, 128)])
 def test_launch_config_follows_the_capability_and_head_dim(capability, row, head_dim, bucket):
     assert launch_config(capability, head_dim) == LAUNCH_CONFIGS[(row, bucket)]
     config = launch_config(capability, head_dim)
     config["fwd"]["BLOCK_M"] = 1  # a copy: the table itself is never changed by a caller
     assert LAUNCH_CONFIGS[(row, bucket)]["fwd"]["BLOCK_M"] != 1
+
+
+@needs_ptxas
+def test_sm80_rows_fit_the_smaller_shared_memory_of_sm86_to_sm120(compiled):
+    assert max(r.shared for r in compiled.values() if r.arch == 80) <= 99 * 1024
 
 
 def test_aot_refuses_to_run_under_the_interpreter():

@@ -365,8 +365,6 @@ def query_block_ranges(q_lens, k_lens, block_m: int, block_n: int, *, causal: bo
 # the forward never spills registers and the backward spills no more than Triton's tutorial backward compiled the
 # same way, with shared memory within the architecture's per-block limit. Filled in below.
 LAUNCH_CONFIGS: dict[tuple[int, int], dict[str, dict]] = {}
-# Architectures the table was compiled for; newer parts use the closest older one.
-_TUNED_ARCHS = (80, 90)
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -378,10 +376,12 @@ def launch_config(capability: tuple[int, int] | int, head_dim: int) -> dict[str,
     """The launch configuration of each kernel (``fwd``, ``dq``, ``dkdv``) for a GPU of compute capability
     ``capability`` (``(8, 0)`` or ``80``) and a head dim: ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``.
 
-    sm_80 (A100, also sm_86/89 consumer parts, whose smaller shared memory the table fits) and sm_90 (H100/H200)
-    have their own rows; parts newer than sm_90 (Blackwell) take sm_90's, parts older than sm_80 sm_80's."""
+    sm_80 (A100) and sm_90 (H100/H200) have their own rows. Data-centre Blackwell (sm_100/103, sm_110) has
+    Hopper's 227 KB of shared memory per block and takes sm_90's rows; every other part takes sm_80's, whose
+    blocks use at most 72 KB of shared memory and so also fit the 99 KB of sm_86/89 and consumer Blackwell
+    (sm_120)."""
     arch = capability[0] * 10 + capability[1] if isinstance(capability, tuple) else int(capability)
-    arch = max([a for a in _TUNED_ARCHS if a <= arch], default=_TUNED_ARCHS[0])
+    arch = 90 if 90 <= arch < 120 else 80
     buckets = sorted(b for a, b in LAUNCH_CONFIGS if a == arch)
     bucket = next((b for b in buckets if b >= head_dim_bucket(head_dim)), buckets[-1])
     return {kernel: dict(cfg) for kernel, cfg in LAUNCH_CONFIGS[(arch, bucket)].items()}
