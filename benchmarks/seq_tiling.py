@@ -144,8 +144,8 @@ def main() -> None:
                       f"{m['Activation']:.0f} | {m['Temp']:.0f} | {(m['Activation'] + m['Temp']) / inputs_mib:.2f} | "
                       f"{m['host']:.0f} | {m['seconds']:.1f} | "
                       f"{m['seconds'] / first_seconds:.2f} | {m['loss']:.5f} |", flush=True)
-            print(f"| {tokens} | checkpointed inputs ({layers} x {tokens} x {config.hidden_size} x 4 B) | {layers} | | | "
-                  f"{inputs_mib:.0f} | | 1.00 | | | | |", flush=True)
+            print(f"| {tokens} | checkpointed inputs ({layers} x {tokens} x {config.hidden_size} x 4 B) | {layers} "
+                  f"| | | {inputs_mib:.0f} | | 1.00 | | | | |", flush=True)
             del model
     if len(args.layers) == 2:
         low, high = sorted(args.layers)
@@ -159,7 +159,8 @@ def main() -> None:
             if low in by_layers and high in by_layers:
                 unit = tokens * hidden * 4 / MIB
                 growth = (by_layers[high] - by_layers[low]) / (high - low) / unit
-                print(f"| {tokens} | {name} | {by_layers[low]:.0f} | {by_layers[high]:.0f} | {growth:.2f} |", flush=True)
+                print(f"| {tokens} | {name} | {by_layers[low]:.0f} | {by_layers[high]:.0f} | {growth:.2f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -440,11 +440,10 @@ def _flash_forward(q, k, v, lengths, alibi_slopes, sink_logits, cu_seqlens, caus
     lse = torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
     num_seqs = len(q_lens) if cu_seqlens is not None else b
     grid = (table.shape[1], num_seqs * hq)
-    launch(_fwd_kernel, grid, q, k, v, out, lse, SINKS=q if sink_logits is None else sink_logits.contiguous(), KV_BLOCKS=table,
-                      **_strides(q=q, k=k, v=v, o=out), num_heads=hq, num_q_blocks=table.shape[1],
-                      HAS_SINK_LOGITS=sink_logits is not None,
-                      **_common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes, softcap, scale),
-                      **cfg)
+    launch(_fwd_kernel, grid, q, k, v, out, lse, SINKS=q if sink_logits is None else sink_logits.contiguous(),
+           KV_BLOCKS=table, **_strides(q=q, k=k, v=v, o=out), num_heads=hq, num_q_blocks=table.shape[1],
+           HAS_SINK_LOGITS=sink_logits is not None,
+           **_common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes, softcap, scale), **cfg)
     return out, lse
 
 
