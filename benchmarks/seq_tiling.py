@@ -1,10 +1,12 @@
 """Peak memory of one training step at long context, option by option: checkpointing, chunked loss, tiled MLP, offload.
 
-    python benchmarks/seq_tiling.py [--tokens 8192 16384 32768] [--layers 4] [--full_logits_max_tokens 8192]
+    python benchmarks/seq_tiling.py [--tokens 8192 16384 32768] [--layers 4 [8]] [--full_logits_max_tokens 8192]
 
 A Llama-shaped model with SmolLM2-135M's widths (hidden 576, intermediate 1536, 9 heads of 64,
 3 KV heads, vocabulary 49,152, tied embeddings), ``--layers`` layers, random float32 weights,
-runs one forward + backward of one sequence with labels, under torch's ``MemTracker``
+built from a config as shipped (``use_cache: true``, so the "plain" row keeps the KV cache that
+transformers builds in training unless told otherwise), runs one forward + backward of one
+sequence with labels, under torch's ``MemTracker``
 (``torch.distributed._tools.mem_tracker``), which counts every tensor by what it is:
 parameters, gradients, activations (made in forward and in recomputation) and temporaries
 (made in backward). The options are added one at a time, each row keeping the ones above it:
@@ -21,6 +23,10 @@ the model's widths (``hf_longctx.loss.tiling.default_tile_sizes``). The ratio co
 the peak's activations + temporaries by the checkpointed layer inputs
 (layers x tokens x hidden x 4 bytes), the memory that no option removes. Rows with full
 logits above ``--full_logits_max_tokens`` are not run (they need tens of GiB).
+
+With two layer counts (``--layers 4 8``) a second table gives, per option, how much the
+activations grow per added layer, in checkpointed inputs (tokens x hidden x 4 bytes): about 1
+where only the layer inputs are kept, several where the layers keep their insides (or a KV cache).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ MIB = 2**20
 def smollm2_config(layers: int, tokens: int) -> LlamaConfig:
     return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
                        num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
-                       max_position_embeddings=tokens, rms_norm_eps=1e-5, use_cache=False)
+                       max_position_embeddings=tokens, rms_norm_eps=1e-5)  # use_cache: true, as shipped
 
 
 def variants(config) -> list[tuple[str, dict | None, bool]]:
@@ -97,42 +103,64 @@ def measure(model, spec: dict | None, hf_checkpointing: bool, tokens: int) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768])
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, nargs="+", default=[4],
+                        help="one or two layer counts; with two, the growth per layer is printed too")
     parser.add_argument("--full_logits_max_tokens", type=int, default=8192)
     parser.add_argument("--only", nargs="*", help="run only the rows whose names start with these")
     parser.add_argument("--device", default="cpu", help="cuda: the split is the GPU's, offloaded memory in 'host'")
     args = parser.parse_args()
+    if len(args.layers) > 2:
+        parser.error("--layers takes one or two layer counts")
     device = torch.device(args.device)
 
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    config = smollm2_config(args.layers[0], 1)
     print(f"Machine: {machine}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}; SmolLM2-135M widths, {args.layers} layers, float32, batch 1; "
-          f"tiles {default_tile_sizes(smollm2_config(args.layers, 1))}\n")
-    print("| tokens | options | params (MiB) | grads (MiB) | activations (MiB) | temporaries (MiB) | "
+          f"torch {torch.__version__}; SmolLM2-135M widths, {' and '.join(map(str, args.layers))} layers, float32, "
+          f"batch 1, use_cache: {config.use_cache}; tiles {default_tile_sizes(config)}\n")
+    print("| tokens | options | layers | params (MiB) | grads (MiB) | activations (MiB) | temporaries (MiB) | "
           "act. + temp. / checkpointed inputs | host (MiB) | step (s) | step / plain-or-first | loss |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    activations: dict[tuple[int, str], dict[int, float]] = {}
     for tokens in args.tokens:
-        torch.manual_seed(0)
-        config = smollm2_config(args.layers, tokens)
-        model = LlamaForCausalLM(config).to(device).train()
-        inputs_mib = args.layers * tokens * config.hidden_size * 4 / MIB
-        first_seconds = None
-        for name, spec, hf_checkpointing in variants(config):
-            if args.only and not any(name.startswith(o) for o in args.only):
-                continue
-            full_logits = spec is None or "loss" not in spec
-            if full_logits and tokens > args.full_logits_max_tokens:
-                print(f"| {tokens} | {name} | not run: the full logits are "
-                      f"{tokens * config.vocab_size * 4 / 2**30:.1f} GiB | | | | | | | | |", flush=True)
-                continue
-            m = measure(model, spec, hf_checkpointing, tokens)
-            first_seconds = first_seconds or m["seconds"]
-            print(f"| {tokens} | {name} | {m['Parameter']:.0f} | {m['Gradient']:.0f} | {m['Activation']:.0f} | "
-                  f"{m['Temp']:.0f} | {(m['Activation'] + m['Temp']) / inputs_mib:.2f} | {m['host']:.0f} | "
-                  f"{m['seconds']:.1f} | "
-                  f"{m['seconds'] / first_seconds:.2f} | {m['loss']:.5f} |", flush=True)
-        print(f"| {tokens} | checkpointed inputs ({args.layers} x {tokens} x {config.hidden_size} x 4 B) | | | "
-              f"{inputs_mib:.0f} | | 1.00 | | | | |", flush=True)
+        for layers in args.layers:
+            torch.manual_seed(0)
+            config = smollm2_config(layers, tokens)
+            model = LlamaForCausalLM(config).to(device).train()
+            inputs_mib = layers * tokens * config.hidden_size * 4 / MIB
+            first_seconds = None
+            for name, spec, hf_checkpointing in variants(config):
+                if args.only and not any(name.startswith(o) for o in args.only):
+                    continue
+                full_logits = spec is None or "loss" not in spec
+                if full_logits and tokens > args.full_logits_max_tokens:
+                    print(f"| {tokens} | {name} | {layers} | not run: the full logits are "
+                          f"{tokens * config.vocab_size * 4 / 2**30:.1f} GiB | | | | | | | | |", flush=True)
+                    continue
+                m = measure(model, spec, hf_checkpointing, tokens)
+                activations.setdefault((tokens, name), {})[layers] = m["Activation"]
+                first_seconds = first_seconds or m["seconds"]
+                print(f"| {tokens} | {name} | {layers} | {m['Parameter']:.0f} | {m['Gradient']:.0f} | "
+                      f"{m['Activation']:.0f} | {m['Temp']:.0f} | {(m['Activation'] + m['Temp']) / inputs_mib:.2f} | "
+                      f"{m['host']:.0f} | {m['seconds']:.1f} | "
+                      f"{m['seconds'] / first_seconds:.2f} | {m['loss']:.5f} |", flush=True)
+            print(f"| {tokens} | checkpointed inputs ({layers} x {tokens} x {config.hidden_size} x 4 B) | {layers} "
+                  f"| | | {inputs_mib:.0f} | | 1.00 | | | | |", flush=True)
+            del model
+    if len(args.layers) == 2:
+        low, high = sorted(args.layers)
+        hidden = smollm2_config(low, 1).hidden_size
+        print(f"\nActivation growth per layer between {low} and {high} layers, in checkpointed inputs "
+              f"(tokens x {hidden} x 4 B):\n")
+        print(f"| tokens | options | activations {low} layers (MiB) | activations {high} layers (MiB) | "
+              "growth per layer (inputs) |")
+        print("|---:|---|---:|---:|---:|")
+        for (tokens, name), by_layers in activations.items():
+            if low in by_layers and high in by_layers:
+                unit = tokens * hidden * 4 / MIB
+                growth = (by_layers[high] - by_layers[low]) / (high - low) / unit
+                print(f"| {tokens} | {name} | {by_layers[low]:.0f} | {by_layers[high]:.0f} | {growth:.2f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ their technique's order, the lowest innermost, so the call path is the same what
                       the chunked loss (router losses stay the model's own); output head forward:
                       computes that loss in its one call (FSDP hooks run on the head), returns an
                       empty placeholder for the logits
-      35   tiling     MLPs computed in sequence tiles; decoder layers checkpointed (optionally offloaded)
+      35   tiling     MLPs computed in sequence tiles; decoder layers checkpointed (optionally offloaded);
+                      with checkpointing, model.forward: use_cache=False in a training step
       40   moe        model.forward: router losses added to the loss, router logits in the output
       50   streaming  model.forward: a SinkCache feeds the input in the cache position frame;
                       model.generate: a SinkCache unless a cache is given

@@ -16,7 +16,7 @@ from conftest import tokens
 from torch import nn
 
 import hf_longctx
-from hf_longctx import SpecError
+from hf_longctx import SpecError, compat
 from hf_longctx.loss.tiling import default_tile_sizes
 from hf_longctx.testing import tiny_model
 from hf_longctx.training import pack_documents
@@ -30,9 +30,9 @@ def _batch(length: int = 41) -> dict[str, torch.Tensor]:
     return {k: torch.tensor([v]) for k, v in row.items()}
 
 
-def _loss_and_grads(model, batch):
+def _loss_and_grads(model, batch, **options):
     model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
+    loss = model(**batch, **options).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -47,11 +47,17 @@ def _assert_same_gradients(got: dict, want: dict) -> None:
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "gemma2", "mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("options", [EVERYTHING, {"mlp_tile_size": 4}], ids=["everything", "mlp-only"])
-def test_tiled_step_has_the_untiled_loss_and_gradients(model_type, options):
+@pytest.mark.parametrize("use_cache", [True, False], ids=["use_cache-true", "use_cache-false"])
+def test_tiled_step_has_the_untiled_loss_and_gradients(model_type, options, use_cache):
+    """With ``use_cache: true`` (configs as shipped) and checkpointing, the oracle is transformers' own gradient
+    checkpointing, which trains without a cache; otherwise it is the plain model."""
     model = tiny_model(model_type).train()
-    model.config.use_cache = False
+    model.config.use_cache = use_cache
     batch = _batch()
+    if use_cache and options.get("checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     want_loss, want = _loss_and_grads(model, batch)
+    model.gradient_checkpointing_disable()
     hf_longctx.patch(model, {"tiling": options, "loss": {"chunk_size": 7}})
     calls = []
     mlp = hf_longctx.families.get_family(model).mlp_modules(model)[0]
@@ -65,12 +71,12 @@ def test_tiled_step_has_the_untiled_loss_and_gradients(model_type, options):
 
 def test_dropout_draws_the_same_masks_when_recomputed():
     model = tiny_model("llama", attention_dropout=0.3).train()
-    model.config.use_cache = False
+    assert model.config.use_cache  # as shipped: the tiled step turns the cache off, so does the oracle here
     batch = _batch()
     torch.manual_seed(1)
-    want_loss, want = _loss_and_grads(model, batch)
+    want_loss, want = _loss_and_grads(model, batch, use_cache=False)
     torch.manual_seed(2)
-    other_loss, _ = _loss_and_grads(model, batch)
+    other_loss, _ = _loss_and_grads(model, batch, use_cache=False)
     assert other_loss != want_loss  # the dropout is real: another seed gives another loss
     hf_longctx.patch(model, tiling=EVERYTHING)
     torch.manual_seed(1)
@@ -83,14 +89,14 @@ def test_lora_adapters_inside_tiled_mlps_get_their_gradients():
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model("llama").train()
-    model.config.use_cache = False
+    assert model.config.use_cache
     batch = _batch()
     hf_longctx.patch(model, tiling=EVERYTHING)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "down_proj"],
                                                   init_lora_weights=False))
     got_loss, got = _loss_and_grads(peft_model, batch)
     hf_longctx.unpatch(model)
-    want_loss, want = _loss_and_grads(peft_model, batch)
+    want_loss, want = _loss_and_grads(peft_model, batch, use_cache=False)
     assert any("gate_proj.lora_A" in name for name in want) and len(got) == len(want)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
     _assert_same_gradients(got, want)
@@ -160,6 +166,56 @@ def test_refuses_router_logits_and_double_checkpointing():
 def test_default_tiles_follow_the_widths():
     model = tiny_model("llama", hidden_size=48, intermediate_size=96, head_dim=12)
     assert default_tile_sizes(model.config) == {"mlp_tile_size": 48, "loss_chunk_size": 48}
+
+
+def _activation_peak(layers: int, length: int, spec: dict | None) -> float:
+    """Peak activation bytes (MemTracker) of one forward + backward of a small Llama built from a config as shipped
+    (``use_cache: true``)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=length)
+    assert config.use_cache is True
+    model = LlamaForCausalLM(config).train()
+    if spec is not None:
+        hf_longctx.patch(model, spec)
+    ids = tokens(1, length, vocab=config.vocab_size)
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        model(input_ids=ids, labels=ids).loss.backward()
+    peak = tracker.get_tracker_snapshot("peak")
+    return next(v for d, v in peak.items() if d.type == "cpu").get("Activation", 0)
+
+
+def test_checkpointing_keeps_only_the_layer_inputs_with_use_cache_true():
+    """Between 4 and 8 layers the activations grow by about one checkpointed input ([tokens, hidden]) per layer,
+    on a config that says use_cache: true; without tiling they grow by several (the measure can tell)."""
+    length = 1024
+    unit = length * 64 * 4  # one layer's checkpointed input: tokens x hidden x fp32
+    spec = {"tiling": {"mlp": False, "checkpointing": True}}
+    growth = (_activation_peak(8, length, spec) - _activation_peak(4, length, spec)) / 4 / unit
+    assert 0.9 <= growth <= 1.15, f"{growth:.2f} checkpointed inputs per layer"
+    plain = (_activation_peak(8, length, None) - _activation_peak(4, length, None)) / 4 / unit
+    assert plain > 3, f"without tiling {plain:.2f} inputs per layer"
+
+
+def test_training_step_builds_no_cache_but_eval_keeps_it():
+    model = tiny_model("llama").train()
+    hf_longctx.patch(model, tiling={"checkpointing": True})
+    ids = tokens(1, 20)
+    out = model(ids, labels=ids)
+    cache = out.get(compat.CACHE)
+    assert cache is None or cache.get_seq_length() == 0
+    with torch.no_grad():  # no gradients: the layers run as they are, with the cache that generation needs
+        cache = model(ids).get(compat.CACHE)
+    assert cache is not None and cache.get_seq_length() == 20
+    model.eval()
+    with torch.no_grad():
+        cache = model(ids).get(compat.CACHE)
+    assert cache is not None and cache.get_seq_length() == 20
 
 
 # ---------------------------------------------------------------- the benchmarks' CPU parts
@@ -237,7 +293,6 @@ def test_tiled_training_under_fsdp2_follows_the_untiled_run(tmp_path):
 
 def test_checkpointing_keeps_a_layer_that_returns_a_tuple():
     model = tiny_model("llama").train()
-    model.config.use_cache = False
     batch = {"input_ids": tokens(2, 30), "labels": tokens(2, 30)}
     want_loss, want = _loss_and_grads(model, batch)
     for layer in model.model.layers:  # a layer of the older form: (hidden_states,)

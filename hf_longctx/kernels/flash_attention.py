@@ -360,6 +360,33 @@ def query_block_ranges(q_lens, k_lens, block_m: int, block_n: int, *, causal: bo
     return table.masked_fill((n0 >= k_lens)[..., None], 0).to(torch.int32)
 
 
+# Launch configurations of the three kernels per (compute capability, head-dim bucket): block sizes, warps and
+# pipeline stages. Chosen by compiling every kernel x mask variant ahead of time (`hf_longctx.kernels.aot`) so that
+# the forward never spills registers and the backward spills no more than Triton's tutorial backward compiled the
+# same way, with shared memory within the architecture's per-block limit. Filled in below.
+LAUNCH_CONFIGS: dict[tuple[int, int], dict[str, dict]] = {}
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    """The kernels' padded head dim (BLOCK_D): a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def launch_config(capability: tuple[int, int] | int, head_dim: int) -> dict[str, dict]:
+    """The launch configuration of each kernel (``fwd``, ``dq``, ``dkdv``) for a GPU of compute capability
+    ``capability`` (``(8, 0)`` or ``80``) and a head dim: ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``.
+
+    sm_80 (A100) and sm_90 (H100/H200) have their own rows. Data-centre Blackwell (sm_100/103, sm_110) has
+    Hopper's 227 KB of shared memory per block and takes sm_90's rows; every other part takes sm_80's, whose
+    blocks use at most 72 KB of shared memory and so also fit the 99 KB of sm_86/89 and consumer Blackwell
+    (sm_120)."""
+    arch = capability[0] * 10 + capability[1] if isinstance(capability, tuple) else int(capability)
+    arch = 90 if 90 <= arch < 120 else 80
+    buckets = sorted(b for a, b in LAUNCH_CONFIGS if a == arch)
+    bucket = next((b for b in buckets if b >= head_dim_bucket(head_dim)), buckets[-1])
+    return {kernel: dict(cfg) for kernel, cfg in LAUNCH_CONFIGS[(arch, bucket)].items()}
+
+
 def _launch_config(q: torch.Tensor) -> dict:
     """Block sizes and warps per kernel. The interpreter gets small blocks so tests cross block edges."""
     if not q.is_cuda:
@@ -369,10 +396,11 @@ def _launch_config(q: torch.Tensor) -> dict:
                                "backend='blocked'")
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1)
         return dict(fwd=small, dq=small, dkdv=small)
-    wide = q.shape[-1] > 64
-    return dict(fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3),
-                dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                dkdv=dict(BLOCK_M=32, BLOCK_N=64 if wide else 128, num_warps=4 if wide else 8, num_stages=2))
+    return launch_config(torch.cuda.get_device_capability(q.device), q.shape[-1])
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    kernel[grid](*args, **kwargs)
 
 
 def _common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes, softcap, scale) -> dict:
@@ -387,7 +415,7 @@ def _common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes,
         window=window or 0, sink_tokens=sink_tokens, head_dim=d,
         seq_q=q.shape[2], seq_k=k.shape[2], group_size=q.shape[1] // k.shape[1],
         CAUSAL=causal, HAS_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
-        IS_VARLEN=cu_seqlens is not None, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        IS_VARLEN=cu_seqlens is not None, BLOCK_D=head_dim_bucket(d),
         # fp32 inputs get exact fp32 products; on GPUs tl.dot would otherwise round them to TF32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -399,32 +427,34 @@ def _strides(**tensors) -> dict:
 
 
 def _flash_forward(q, k, v, lengths, alibi_slopes, sink_logits, cu_seqlens, causal, window, sink_tokens, softcap,
-                   scale):
-    """Returns out `[B, Hq, N, D]` and lse `[B, Hq, N]` (fp32, log2 units). lengths: `_lengths(...)`."""
+                   scale, config=None, launch=_launch):
+    """Returns out `[B, Hq, N, D]` and lse `[B, Hq, N]` (fp32, log2 units). lengths: `_lengths(...)`.
+    config: `launch_config(...)` (default: the tensor's device's); launch: `launch(kernel, grid, *args, **kwargs)`
+    (the ahead-of-time compiler records the launch instead of running it)."""
     b, hq, n, _ = q.shape
     q_lens, k_lens = lengths
-    cfg = _launch_config(q)["fwd"]
+    cfg = (config or _launch_config(q))["fwd"]
     table = key_block_ranges(q_lens, k_lens, cfg["BLOCK_M"], cfg["BLOCK_N"], causal=causal, window=window,
                              sink_tokens=sink_tokens).to(q.device)
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
     num_seqs = len(q_lens) if cu_seqlens is not None else b
     grid = (table.shape[1], num_seqs * hq)
-    _fwd_kernel[grid](q, k, v, out, lse, SINKS=q if sink_logits is None else sink_logits.contiguous(), KV_BLOCKS=table,
-                      **_strides(q=q, k=k, v=v, o=out), num_heads=hq, num_q_blocks=table.shape[1],
-                      HAS_SINK_LOGITS=sink_logits is not None,
-                      **_common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes, softcap, scale),
-                      **cfg)
+    launch(_fwd_kernel, grid, q, k, v, out, lse, SINKS=q if sink_logits is None else sink_logits.contiguous(),
+           KV_BLOCKS=table, **_strides(q=q, k=k, v=v, o=out), num_heads=hq, num_q_blocks=table.shape[1],
+           HAS_SINK_LOGITS=sink_logits is not None,
+           **_common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes, softcap, scale), **cfg)
     return out, lse
 
 
 def _flash_backward(do, q, k, v, out, lse, lengths, alibi_slopes, cu_seqlens, causal, window, sink_tokens, softcap,
-                    scale):
-    """Returns dq, dk, dv (laid out like q, k, v) and delta = rowsum(dO * O) `[B, Hq, N]` fp32."""
+                    scale, config=None, launch=_launch):
+    """Returns dq, dk, dv (laid out like q, k, v) and delta = rowsum(dO * O) `[B, Hq, N]` fp32.
+    config, launch: as for `_flash_forward`."""
     b, hq, n, _ = q.shape
     hkv = k.shape[1]
     q_lens, k_lens = lengths
-    cfg = _launch_config(q)
+    cfg = config or _launch_config(q)
     num_seqs = len(q_lens) if cu_seqlens is not None else b
     delta = (do.float() * out.float()).sum(-1)
     common = _common_args(q, k, v, cu_seqlens, causal, window, sink_tokens, alibi_slopes, softcap, scale)
@@ -433,16 +463,37 @@ def _flash_backward(do, q, k, v, out, lse, lengths, alibi_slopes, cu_seqlens, ca
 
     c = cfg["dq"]
     kv_table = key_block_ranges(q_lens, k_lens, c["BLOCK_M"], c["BLOCK_N"], **masks).to(q.device)
-    _bwd_dq_kernel[(kv_table.shape[1], num_seqs * hq)](
+    launch(_bwd_dq_kernel, (kv_table.shape[1], num_seqs * hq),
         q, k, v, do, dq, lse, delta, KV_BLOCKS=kv_table, **_strides(q=q, k=k, v=v, do=do), num_heads=hq,
         num_q_blocks=kv_table.shape[1], sm_scale=scale, **common, **c)
 
     c = cfg["dkdv"]
     q_table = query_block_ranges(q_lens, k_lens, c["BLOCK_M"], c["BLOCK_N"], **masks).to(q.device)
-    _bwd_dkdv_kernel[(q_table.shape[1], num_seqs * hkv)](
+    launch(_bwd_dkdv_kernel, (q_table.shape[1], num_seqs * hkv),
         q, k, v, do, dk, dv, lse, delta, Q_BLOCKS=q_table, **_strides(q=q, k=k, v=v, do=do), num_heads=hq,
         num_kv_heads=hkv, num_k_blocks=q_table.shape[1], sm_scale=scale, **common, **c)
     return dq, dk, dv, delta
+
+
+def _configs(fwd, dq, dkdv) -> dict[str, dict]:
+    names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    return dict(fwd=dict(zip(names, fwd)), dq=dict(zip(names, dq)), dkdv=dict(zip(names, dkdv)))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; BLOCK_M counts query rows, BLOCK_N keys. Compiled in bf16
+# for every mask variant, the softcap variant (tanh and its derivative kept live) needs the most registers. The
+# forward never spills; the backward spills nothing except dk/dv at D = 64 on sm_80 (36 B per thread with a
+# softcap, 4 B with a window or ALiBi: within the 80 B that Triton's tutorial backward spills there; with the
+# tutorial's own 32 x 128 dk/dv tiles this kernel spilled 80-716 B).
+LAUNCH_CONFIGS.update({
+    # A100: 8 warps instead of 4 for the D = 64 forward; 32 keys per block for the D = 128 forward; the D = 64 dq
+    # visits 32 keys per step; dk/dv keeps 64 keys per program (not 128) on 8 warps.
+    (80, 64): _configs(fwd=(128, 64, 8, 3), dq=(64, 32, 4, 2), dkdv=(32, 64, 8, 2)),
+    (80, 128): _configs(fwd=(128, 32, 8, 3), dq=(64, 64, 8, 2), dkdv=(32, 64, 8, 2)),
+    # H100/H200: the same tiles as before but 8 warps for the D = 64 forward and the D = 128 backward.
+    (90, 64): _configs(fwd=(128, 64, 8, 3), dq=(64, 64, 4, 2), dkdv=(32, 128, 8, 2)),
+    (90, 128): _configs(fwd=(128, 64, 8, 3), dq=(64, 64, 8, 2), dkdv=(32, 64, 8, 2)),
+})
 
 
 # ----------------------------------------------------------------------------------- autograd.Function

@@ -13,6 +13,10 @@ layers and MLPs :mod:`hf_longctx.families` finds, dense or MoE:
 - ``checkpointing``: every decoder layer keeps only its input hidden states and recomputes
   its inside during backward (gradient checkpointing, done here so that it composes with the
   tiled MLP and the offload; the RNG state is replayed so dropout draws the same masks).
+  A training step runs without a KV cache whatever the config's ``use_cache`` says (configs as
+  shipped say ``true``), as transformers' own gradient checkpointing does: the model's forward
+  gets ``use_cache=False`` and the layers no cache, or the cache would keep every layer's keys
+  and values for the whole step.
 - ``offload``: those checkpointed inputs are copied to pinned CPU memory in forward and back
   to the accelerator in backward, one layer at a time. A model on the CPU has nothing to
   offload to, so there it changes nothing.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -202,12 +207,70 @@ def _uses_cache(args, kwargs) -> bool:
     return any(isinstance(v, Cache) for v in (*args, *kwargs.values()))
 
 
+# Every keyword a decoder layer takes its KV cache under (transformers 5.24+, the older names, GPT-2-like layers).
+_LAYER_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _without_cache(layer: nn.Module, kwargs: dict) -> dict:
+    """The layer's keyword arguments for a training step: no cache is written, as transformers' own gradient
+    checkpointing does (``GradientCheckpointingLayer``); layers that only read their cache
+    (``_can_checkpoint_with_cache``) keep it. A cache written in forward would hold every layer's keys and values
+    until the step ends, the memory that checkpointing frees, and would be written again by the recomputation."""
+    changed = []
+    if kwargs.get("use_cache"):
+        kwargs = {**kwargs, "use_cache": False}
+        changed.append("use_cache=False")
+    if not getattr(layer, "_can_checkpoint_with_cache", False):
+        for name in _LAYER_CACHE_KEYWORDS:
+            if kwargs.get(name) is not None:
+                kwargs = {**kwargs, name: None}
+                changed.append(f"{name}=None")
+    if changed:
+        _warn_once(f"'tiling' checkpointing runs the decoder layers of a training step without a KV cache "
+                   f"({', '.join(changed)}), as transformers' gradient checkpointing does")
+    return kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+def _training_without_cache(model: nn.Module, inner):
+    """The model's forward, with ``use_cache=False`` in a training step (``model.training`` with gradients enabled),
+    as transformers sets it when its own gradient checkpointing is on: no cache is built, and packed documents
+    (restarting ``position_ids``) get their block-diagonal mask, which transformers derives only without a cache."""
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        if model.training and torch.is_grad_enabled() and kwargs.get("use_cache") is not False:
+            if kwargs.get("use_cache") or text_config(model.config).use_cache:
+                _warn_once("'tiling' checkpointing: a training step runs with use_cache=False, as transformers' "
+                           "gradient checkpointing does")
+            kwargs["use_cache"] = False
+        return inner(*args, **kwargs)
+
+    return forward
+
+
 def checkpointed_layer(layer: nn.Module, inner, offload: bool):
-    """The forward of a decoder ``layer`` (its original ``inner``) with gradient checkpointing of its input."""
+    """The forward of a decoder ``layer`` (its original ``inner``) with gradient checkpointing of its input.
+
+    In training (``layer.training`` with gradients enabled) the layer runs without a KV cache whatever the
+    model's ``use_cache`` says, as transformers' own gradient checkpointing does: configs as shipped say
+    ``use_cache: true``, and a cache would keep every layer's keys and values alive through the step. Outside
+    training a layer given a cache runs as it is, without checkpointing."""
 
     @functools.wraps(inner)
     def forward(hidden_states, *args, **kwargs):
-        if not torch.is_grad_enabled() or _uses_cache(args, kwargs):
+        if not torch.is_grad_enabled():
+            return inner(hidden_states, *args, **kwargs)
+        if layer.training:
+            kwargs = _without_cache(layer, kwargs)
+        if _uses_cache(args, kwargs) and not (layer.training and getattr(layer, "_can_checkpoint_with_cache", False)):
+            if layer.training:
+                _warn_once(f"'tiling' checkpointing: {type(layer).__name__} was given a KV cache positionally in "
+                           "training; the layer runs without checkpointing")
             return inner(hidden_states, *args, **kwargs)
         if getattr(layer, "gradient_checkpointing", False) and layer.training:
             raise RuntimeError("'tiling' with checkpointing: true already checkpoints every layer; turn off the "
@@ -291,6 +354,8 @@ def _apply(model: nn.Module, section: TilingSpec, spec) -> Applied:
     if section.checkpointing:
         wraps += [Wrap(layer, "forward", lambda inner, layer=layer: checkpointed_layer(layer, inner, section.offload))
                   for layer in get_family(model).layers(model)]
+        if "use_cache" in inspect.signature(type(model).forward).parameters:
+            wraps.append(Wrap(model, "forward", lambda inner: _training_without_cache(model, inner)))
     logger.info("tiling: MLP %s, checkpointing %s, offload %s", f"in tiles of {tile} tokens" if section.mlp else "off",
                 section.checkpointing, section.offload)
     return Applied(wraps=tuple(wraps))
