@@ -185,9 +185,10 @@ def cmd_eval(args) -> None:
         tasks = parse_choices(args.tasks, TASKS, "task")
     harness_tasks = []
     if args.harness:
-        from .evaluation.harness import check_tasks
+        from .evaluation.harness import check_lengths, check_tasks
 
         harness_tasks = check_tasks([t.strip() for t in args.harness.split(",") if t.strip()])
+        check_lengths(harness_tasks, lengths)
     depths = _parse_depths(args.depths)
     if args.limit is not None and args.limit < 1:
         raise CliError(f"--limit must be >= 1, got {args.limit}")
@@ -346,7 +347,7 @@ def cmd_eval(args) -> None:
     if results.get("harness"):
         print(f"\nlm-evaluation-harness scores (limit {args.limit or 'none'} samples per task and length)\n")
         rows = [{"method": f"{r['method']} {r['task']}", "length": r["length"], "score": r["score"]} for r in results["harness"]]
-        print(markdown_table(rows, "score", fmt="{:.1f}"))
+        print(markdown_table(rows, "score", fmt="{:.2f}"))
     print("\nWrote " + ", ".join(str(p) for p in written))
 
 

@@ -19,6 +19,7 @@ while the offline tasks are loaded, that download is skipped (:func:`_no_nltk_do
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 from typing import Any, Sequence
@@ -41,6 +42,7 @@ NETWORK_TASKS = {
     "ruler": "the essays, SQuAD and HotpotQA: the group holds every RULER task",
 }
 GROUPS_THAT_DOWNLOAD = ("babilong", "longbench", "longbench2", "infinitebench")  # Hugging Face datasets
+RULER_LENGTHS = tuple(4096 * 2**k for k in range(6))  # the lengths RULER's tasks have a metric for (4k to 128k)
 NEEDS = "pip install 'hf-longctx[eval]' (lm-eval 0.4.13 with nltk and wonderwords for RULER)"
 
 
@@ -80,6 +82,15 @@ def check_tasks(names: Sequence[str]) -> list[str]:
     return names
 
 
+def check_lengths(tasks: Sequence[str], lengths: Sequence[int]) -> None:
+    """``ValueError`` in one line for a length RULER scores nothing at (its metrics are 4k, 8k, ..., 128k)."""
+    ruler = [t for t in tasks if t in OFFLINE_TASKS or t in NETWORK_TASKS]
+    bad = [n for n in lengths if n not in RULER_LENGTHS]
+    if ruler and bad:
+        raise ValueError(f"RULER task '{ruler[0]}' scores only the lengths {', '.join(map(str, RULER_LENGTHS))}; "
+                         f"--lengths asks for {bad[0]}")  # fmt: skip
+
+
 def extended_length(model: nn.Module) -> int:
     """The length a patched model is meant to read: its reach, else ``max_position_embeddings``."""
     from .needle import reach
@@ -108,20 +119,29 @@ def ruler_metadata(tokenizer_path: str, lengths: Sequence[int]) -> dict[str, Any
 
 @contextlib.contextmanager
 def _no_nltk_download():
-    """Skip nltk downloads (see the module) for the duration; restores ``nltk.download`` after."""
+    """Skip nltk downloads (see the module) for the duration; restores ``nltk.download`` after.
+
+    lm-eval's RULER module is imported here (once per process), so that its import-time download and the
+    line it prints after it ("Downloaded punkt_tab", even when nothing was downloaded) happen in here.
+    """
     try:
         import nltk
     except ImportError:
         yield
         return
     original = nltk.download
+    asked = []
 
     def skipped(info_or_id=None, *args, **kwargs):
-        logger.info("nltk download of %s skipped: the offline RULER tasks do not use it", info_or_id)
+        asked.append(info_or_id)
         return False
 
     nltk.download = skipped
     try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import lm_eval.tasks.ruler.prepare_niah  # noqa: F401
+        if asked:
+            logger.info("nltk download of %s skipped: the offline RULER tasks do not use it", asked)
         yield
     finally:
         nltk.download = original
@@ -147,6 +167,7 @@ def evaluate(
     from lm_eval import simple_evaluate
 
     tasks = check_tasks(tasks)
+    check_lengths(tasks, lengths)
     if max_length is None:
         max_length = max(extended_length(model), max(lengths) + 256)
     lm = harness_model(model, tokenizer, max_length=max_length)
@@ -166,7 +187,7 @@ def task_score(results: dict[str, Any], task: str, length: int) -> float:
 
 def harness_scores(model: nn.Module, tokenizer: Any, task: str, length: int, *, limit: int | None,
                    tokenizer_path: str) -> dict[str, Any]:  # fmt: skip
-    """One task at one length: ``{"score": 0-100 or None, "samples": n}`` (None when lm-eval gave -1: no sample)."""
+    """One task at one length: ``{"score": lm-eval's score (RULER: 0-1) or None, "samples": n}`` (None when lm-eval gave -1: no sample)."""
     results = evaluate(model, tokenizer, [task], [length], tokenizer_path=tokenizer_path, limit=limit)
     score = task_score(results, task, length)
     samples = results.get("n-samples", {}).get(task, {}).get("effective")

@@ -239,7 +239,7 @@ def reach(model: nn.Module) -> tuple[int | None, str]:
     dual chunk attention never shows a position above its chunk size. The unpatched model reaches its
     trained length (``max_position_embeddings``); a RoPE scaling reaches its ``max_position_embeddings``
     after the patch (factor x the trained length); Self-Extend with group G and window W reaches
-    ``(trained - W) * G + W``.
+    ``(trained - W) * G + W`` (the trained length when W is not below it).
     """
     from ..positions.rope import original_length
 
@@ -252,6 +252,8 @@ def reach(model: nn.Module) -> tuple[int | None, str]:
             return None, f"dual chunk attention shows no position above its chunk size {extend['chunk_size']}"
         group, window = int(extend["group_size"]), int(extend["window"])
         trained = current
+        if window >= trained:  # the exact window alone covers the trained length; past it, positions grow
+            return trained, f"its window {window} covers the {trained} trained positions and no more"
         return (trained - window) * group + window, f"({trained} trained - {window} window) x {group} + {window}"
     rope = sections.get("rope")
     if rope:
