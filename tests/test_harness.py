@@ -47,9 +47,12 @@ def needle_reader(model, tokenizer):
     A model that scores 1 exactly when lm-eval hands it the whole prompt."""
     import re
 
+    model.seen_lengths = []
+
     def generate(input_ids, attention_mask=None, **kwargs):
         rows = []
         for row in input_ids:
+            model.seen_lengths.append(len(row))
             found = re.search(r"is: (\d{7})\.", tokenizer.decode(row.tolist()))
             answer = tokenizer.encode(" " + found.group(1) if found else " none", add_special_tokens=False)
             rows.append(torch.cat([row, torch.tensor(answer, dtype=row.dtype)]))
@@ -59,7 +62,16 @@ def needle_reader(model, tokenizer):
     return model
 
 
-def plain_simple_evaluate(model, tokenizer, path, max_length=None, **kwargs):
+@pytest.fixture(scope="module")
+def default_tasks(byte_tokenizer):
+    """lm-eval's default task index with RULER's metadata: what simple_evaluate builds from ``metadata=``
+    (built once here: indexing every task file takes a while)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(metadata={"tokenizer": byte_tokenizer[1], "max_seq_lengths": [LENGTH]})
+
+
+def plain_simple_evaluate(model, tokenizer, tasks, max_length=None):
     """What a user of lm-eval writes by hand for the same model."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -67,35 +79,42 @@ def plain_simple_evaluate(model, tokenizer, path, max_length=None, **kwargs):
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1,
               **({} if max_length is None else {"max_length": max_length}))  # fmt: skip
     with harness._no_nltk_download():  # only keeps nltk off the network; the task code is lm-eval's
-        return lm, simple_evaluate(model=lm, tasks=[TASK], limit=LIMIT, log_samples=True,
-                                   metadata={"tokenizer": path, "max_seq_lengths": [LENGTH]}, **kwargs)  # fmt: skip
+        return lm, simple_evaluate(model=lm, tasks=[TASK], limit=LIMIT, log_samples=True, task_manager=tasks)
 
 
-def test_scores_and_answers_equal_simple_evaluate_on_the_same_hflm(byte_tokenizer):
+def test_scores_and_answers_equal_simple_evaluate_on_the_same_hflm(byte_tokenizer, default_tasks):
     tokenizer, path = byte_tokenizer
     model = needle_reader(patch(tiny_model("llama", seed=0, vocab_size=len(tokenizer)), YARN_2X), tokenizer)
     ours = harness.evaluate(model, tokenizer, [TASK], [LENGTH], tokenizer_path=path, limit=LIMIT)
     lm = harness.harness_model(model, tokenizer, max_length=LENGTH + 256)
-    _, theirs = plain_simple_evaluate(model, tokenizer, path, max_length=lm.max_length)
+    _, theirs = plain_simple_evaluate(model, tokenizer, default_tasks, max_length=lm.max_length)
     score = harness.task_score(ours, TASK, LENGTH)
     assert score == harness.task_score(theirs, TASK, LENGTH)
     assert ours["results"][TASK] == theirs["results"][TASK]
     assert ours["n-samples"][TASK]["effective"] == LIMIT
     # The reader finds every needle in a whole prompt: the prompts reached the model uncut.
     assert score == 1.0
+    seen = model.seen_lengths  # ours, then theirs: the same prompts, whole (the next test cuts them to 896)
+    assert seen[:LIMIT] == seen[LIMIT:] and min(seen) > 1024 and max(seen) <= LENGTH
     answers = [s["filtered_resps"] for s in theirs["samples"][TASK]]
     assert len(answers) == LIMIT and all(a[0].strip().isdigit() for a in answers)
 
 
-def test_without_max_length_lm_eval_cuts_the_prompt_and_the_score_falls(byte_tokenizer):
+def test_without_max_length_lm_eval_cuts_the_prompt_from_the_left(byte_tokenizer, default_tasks):
     tokenizer, path = byte_tokenizer
-    model = needle_reader(tiny_model("llama", seed=0, vocab_size=len(tokenizer)), tokenizer)
-    lm, default = plain_simple_evaluate(model, tokenizer, path)
-    assert lm.max_length < LENGTH  # lm-eval's own fallback (max_position_embeddings of the tiny model)
-    assert harness.task_score(default, TASK, LENGTH) == 0.0  # the needle line was cut away from every prompt
-    assert harness.harness_model(model, tokenizer).max_length == model.config.max_position_embeddings
-    yarn = patch(tiny_model("llama", seed=0, vocab_size=len(tokenizer)), YARN_2X)
-    assert harness.harness_model(yarn, tokenizer).max_length == 2 * model.config.max_position_embeddings
+    model = needle_reader(tiny_model("llama", seed=0, vocab_size=len(tokenizer), max_position_embeddings=1024), tokenizer)
+    lm, default = plain_simple_evaluate(model, tokenizer, default_tasks)
+    assert lm.max_length == 1024  # lm-eval's own fallback: max_position_embeddings
+    # every prompt (over 1024 tokens, see the test above) reached the model as its last max_length - 128 tokens
+    assert model.seen_lengths == [1024 - 128] * LIMIT
+    assert harness.task_score(default, TASK, LENGTH) <= 1.0
+    assert harness.harness_model(model, tokenizer).max_length == 1024
+    yarn = patch(tiny_model("llama", seed=0, vocab_size=len(tokenizer), max_position_embeddings=1024), YARN_2X)
+    assert harness.harness_model(yarn, tokenizer).max_length == 2048  # the extended length, not lm-eval's fallback
+    model.seen_lengths.clear()
+    ours = harness.evaluate(model, tokenizer, [TASK], [LENGTH], tokenizer_path=path, limit=LIMIT)
+    assert min(model.seen_lengths) > 1024  # the whole prompts
+    assert harness.task_score(ours, TASK, LENGTH) == 1.0
 
 
 def test_ruler_metadata_names_the_tokenizer_and_lengths():
@@ -137,19 +156,22 @@ def test_offline_tasks_and_aliases_are_accepted():
         harness.check_lengths(["ruler_vt"], [4096, 3000])
 
 
-def test_cli_harness_score_equals_simple_evaluate(capsys, tmp_path, byte_tokenizer):
+def test_cli_harness_score_equals_simple_evaluate(capsys, tmp_path, byte_tokenizer, default_tasks):
     tokenizer, path = byte_tokenizer
     model_dir = tmp_path / "model"
     tiny_model("llama", seed=1, vocab_size=len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    argv = ["eval", str(model_dir), "--preset", "none,yarn-4x", "--harness", TASK, "--lengths", "4k",
-            "--limit", str(LIMIT), "--out", str(tmp_path / "out"), "--beyond-reach"]  # fmt: skip
+    argv = ["eval", str(model_dir), "--preset", "yarn-4x", "--harness", TASK, "--lengths", "4k", "--limit", "1",
+            "--out", str(tmp_path / "out"), "--beyond-reach"]  # fmt: skip
     assert cli.main(argv) == 0
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["harness"]
-    assert [(r["method"], r["task"], r["length"]) for r in rows] == [("none", TASK, LENGTH), ("yarn-4x", TASK, LENGTH)]
-    model = tiny_model("llama", seed=1, vocab_size=len(tokenizer))
-    for row, evaluated in zip(rows, [model, patch(tiny_model("llama", seed=1, vocab_size=len(tokenizer)), "yarn-4x")]):
-        lm = harness.harness_model(evaluated, tokenizer, max_length=max(harness.extended_length(evaluated), LENGTH + 256))
-        _, theirs = plain_simple_evaluate(evaluated, tokenizer, path, max_length=lm.max_length)
-        assert row["score"] == harness.task_score(theirs, TASK, LENGTH) and row["samples"] == LIMIT
-    assert "| none niah_single_1 |" in capsys.readouterr().out
+    assert [(r["method"], r["task"], r["length"], r["samples"]) for r in rows] == [("yarn-4x", TASK, LENGTH, 1)]
+    evaluated = patch(tiny_model("llama", seed=1, vocab_size=len(tokenizer)), "yarn-4x")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=evaluated, tokenizer=tokenizer, batch_size=1, max_length=LENGTH + 256)
+    with harness._no_nltk_download():
+        theirs = simple_evaluate(model=lm, tasks=[TASK], limit=1, task_manager=default_tasks)
+    assert rows[0]["score"] == harness.task_score(theirs, TASK, LENGTH)
+    assert "| yarn-4x niah_single_1 |" in capsys.readouterr().out

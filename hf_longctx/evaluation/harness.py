@@ -22,6 +22,7 @@ import contextlib
 import io
 import logging
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
@@ -68,14 +69,16 @@ def check_tasks(names: Sequence[str]) -> list[str]:
         if group:
             raise ValueError(f"harness task '{name}' needs the network: it downloads the {group} dataset from the "
                              f"Hugging Face Hub; offline RULER tasks: {', '.join(OFFLINE_TASKS)}")  # fmt: skip
+    others = [n for n in names if n not in OFFLINE_TASKS]
     _lm_eval()
-    from lm_eval.tasks import TaskManager
+    if others:  # lm-eval's whole task index (some seconds); RULER's offline tasks are known without it
+        from lm_eval.tasks import TaskManager
 
-    known = set(TaskManager().all_tasks)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown harness task '{unknown[0]}' (lm-eval has no such task); offline RULER tasks: "
-                         f"{', '.join(OFFLINE_TASKS)}")  # fmt: skip
+        known = set(TaskManager().all_tasks)
+        unknown = [n for n in others if n not in known]
+        if unknown:
+            raise ValueError(f"unknown harness task '{unknown[0]}' (lm-eval has no such task); offline RULER tasks: "
+                             f"{', '.join(OFFLINE_TASKS)}")  # fmt: skip
     for name in names:
         if name not in OFFLINE_TASKS:
             logger.warning("harness task %s is not one of the offline RULER tasks; it may need the network", name)
@@ -172,8 +175,21 @@ def evaluate(
         max_length = max(extended_length(model), max(lengths) + 256)
     lm = harness_model(model, tokenizer, max_length=max_length)
     with _no_nltk_download():
-        return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, metadata=ruler_metadata(tokenizer_path, lengths),
-                               log_samples=False, **kwargs)  # fmt: skip
+        return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=False,
+                               task_manager=task_manager(tasks, ruler_metadata(tokenizer_path, lengths)), **kwargs)
+
+
+def task_manager(tasks: Sequence[str], metadata: dict[str, Any]):
+    """lm-eval's ``TaskManager`` with ``metadata``; for RULER's offline tasks it indexes only RULER's folder
+    (the same task files, without reading the thousands of others)."""
+    from lm_eval.tasks import TaskManager
+
+    if all(t in OFFLINE_TASKS for t in tasks):
+        import lm_eval.tasks.ruler as ruler
+
+        folder = Path(ruler.__file__).parent if getattr(ruler, "__file__", None) else Path(list(ruler.__path__)[0])
+        return TaskManager(include_path=str(folder), include_defaults=False, metadata=metadata)
+    return TaskManager(metadata=metadata)
 
 
 def task_score(results: dict[str, Any], task: str, length: int) -> float:
