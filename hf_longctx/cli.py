@@ -29,21 +29,24 @@ Evaluate MODEL (and each --preset applied to it) at each context length: tables 
 results.json and PNG plots in --out. Finished cells are kept in --out/cells.json: the same
 command run again skips them (an interrupted run resumes where it stopped).
 
-What each task measures (times: SmolLM2-135M, float32, 2 CPU cores, one prompt or window):
+What each task measures:
   perplexity  the same final tokens scored after L tokens of context (default text: held-out
               standard library source). Rises with L where the model reads far positions badly.
-              4k ~0.5 min, 8k ~1.5 min per window.
   passkey     a 5-digit key hidden in repeated filler, one trial per depth: first number of a
               greedy continuation == key.
   needle      a heatmap: length x depth, --needles needles per cell ("the special magic number for
               WORD is NNNNNNN" in English prose), exact match of the 7-digit value, no judge model.
-              The unpatched model is always run beside the presets. Per prompt: 4k ~0.5 min,
-              8k ~1.5 min, 16k ~4 min, 32k ~11 min.
+              The unpatched model is always run beside the presets.
   streaming   cumulative perplexity streamed one token at a time through a SinkCache.
   --harness   lm-evaluation-harness tasks scored by lm-eval itself; the model is wrapped as its
               HFLM with max_length set to the method's reach (nothing is cut from the left) and
-              RULER's metadata (tokenizer, max_seq_lengths=[L]) filled. RULER prompts are L
-              tokens: 4k ~1 min per sample. Tasks that download data are refused.
+              RULER's metadata (tokenizer, max_seq_lengths=[L]) filled. RULER scores lengths
+              4k, 8k, ..., 128k. Tasks that download data are refused.
+
+Time: a needle prompt, a RULER sample or a perplexity window is one forward pass of L tokens.
+SmolLM2-135M, float32, 2 CPU cores (shared, load ~9): 4k 1.2-1.9 min (none, yarn, dynamic),
+2.3 min (self-extend), 3.6 min (dual chunk); longer L costs more than proportionally (attention):
+one 32k self-extend passkey prompt took 11 min here in an earlier measurement.
 
 Reading the heatmap (needle-METHOD.png): columns are lengths, rows depths (0% = needle at the
 start of the text, 100% = right before the question); green = every needle found, red = none.
