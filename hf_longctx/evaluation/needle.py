@@ -93,9 +93,24 @@ def haystack_tokens(tokenizer: Tokenizer, text: str | None = None) -> list[int]:
     return list(tokenizer.encode(haystack_text() if text is None else text, add_special_tokens=False))
 
 
+def _pieces(tokenizer: Tokenizer, needle: Needle) -> dict[str, list[int]]:
+    """The token ids of every part of a prompt but the haystack."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    return {"task": encode(TASK), "separator": encode(SEPARATOR),
+            "line": encode(NEEDLE.format(word=needle.word, value=needle.value)),
+            "question": encode(QUESTION.format(word=needle.word)), "answer": encode(ANSWER.format(value=needle.value))}  # fmt: skip
+
+
+def _fixed(pieces: dict[str, list[int]]) -> int:
+    return sum(len(v) for v in pieces.values()) + 3 * len(pieces["separator"])  # four separators in all
+
+
 def needle_prompt(
-    tokenizer: Tokenizer, haystack: Sequence[int], length: int, depth: float, needle: Needle, _bare: bool = False
-) -> tuple[list[int], int] | tuple[list[int], list[int]]:
+    tokenizer: Tokenizer, haystack: Sequence[int], length: int, depth: float, needle: Needle
+) -> tuple[list[int], int]:
     """Token ids of one prompt, exactly ``length`` long, and the number of answer tokens at its end.
 
     The haystack (token ids; repeated when shorter than needed) is cut to fill the length,
@@ -105,34 +120,20 @@ def needle_prompt(
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     if not haystack:
         raise ValueError("the haystack is empty")
-
-    def encode(text: str) -> list[int]:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-
-    task, separator = encode(TASK), encode(SEPARATOR)
-    line = encode(NEEDLE.format(word=needle.word, value=needle.value))
-    question = encode(QUESTION.format(word=needle.word))
-    answer = encode(ANSWER.format(value=needle.value))
-    fixed = len(task) + len(line) + len(question) + len(answer) + 4 * len(separator)
-    hay = 0 if _bare else length - fixed
+    p = _pieces(tokenizer, needle)
+    hay = length - _fixed(p)
     if hay < 0:
-        raise ValueError(f"a needle prompt needs at least {fixed} tokens with this tokenizer, length {length} is too short")
+        raise ValueError(f"a needle prompt needs at least {_fixed(p)} tokens with this tokenizer, length {length} is too short")
     text = (list(haystack) * (hay // len(haystack) + 1))[:hay]
     before = round(depth * hay)
-    ids = task + separator + text[:before] + separator + line + separator + text[before:] + separator + question
-    if _bare:
-        return ids, answer
-    return ids + answer, len(answer)
+    sep = p["separator"]
+    ids = p["task"] + sep + text[:before] + sep + p["line"] + sep + text[before:] + sep + p["question"]
+    return ids + p["answer"], len(p["answer"])
 
 
 def min_needle_length(tokenizer: Tokenizer, needles: Sequence[Needle]) -> int:
     """The shortest length whose prompts hold every needle (no haystack at all)."""
-    return max(len(_parts(tokenizer, n)[0]) + len(_parts(tokenizer, n)[1]) for n in needles)
-
-
-def _parts(tokenizer: Tokenizer, needle: Needle) -> tuple[list[int], list[int]]:
-    """The prompt without haystack, and the answer's tokens."""
-    return needle_prompt(tokenizer, [0], 0, 0.0, needle, _bare=True)
+    return max(_fixed(_pieces(tokenizer, n)) for n in needles)
 
 
 @torch.inference_mode()
