@@ -212,6 +212,9 @@ def test_eval_needle_writes_heatmaps_effective_lengths_and_resumes(capsys, tmp_p
         (["--preset", "self-extend-4x", "--tasks", "needle", "--lengths", "300"], "self-extend-4x reaches 64 tokens"),
         (["--tasks", "needle", "--lengths", "1k", "--depths", "0,2"], "bad --depths '0,2'"),
         (["--tasks", "needles", "--lengths", "1k"], "unknown task 'needles'"),
+        (["--harness", "niah_single_2", "--lengths", "4k"],
+         "harness task 'niah_single_2' needs the network: it downloads the Paul Graham essays"),
+        (["--harness", "babilong", "--lengths", "4k"], "harness task 'babilong' needs the network"),
     ],
 )
 def test_eval_needle_bad_input_gives_one_clear_line(capsys, tmp_path, model_dir, argv, expected):

@@ -175,3 +175,18 @@ def test_cli_harness_score_equals_simple_evaluate(capsys, tmp_path, byte_tokeniz
         theirs = simple_evaluate(model=lm, tasks=[TASK], limit=1, task_manager=default_tasks)
     assert rows[0]["score"] == harness.task_score(theirs, TASK, LENGTH)
     assert "| yarn-4x niah_single_1 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--harness", "niah_single_1", "--lengths", "3000"], "RULER task 'niah_single_1' scores only the lengths 4096"),
+        (["--harness", "no_such_task", "--lengths", "4k"], "unknown harness task 'no_such_task'"),
+    ],
+)
+def test_cli_refuses_bad_harness_input_in_one_line(capsys, tmp_path, argv, expected):
+    code = cli.main(["eval", str(tmp_path), "--out", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("hf-longctx: error: ")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err, err
