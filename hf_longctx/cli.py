@@ -237,8 +237,11 @@ def cmd_eval(args) -> None:
         if len(needle_lengths) < len(lengths):
             print(f"needle: lengths below {shortest} tokens skipped (the prompt alone is that long)")
     tokenizer_dir = None
-    if harness_tasks:
-        tokenizer_dir = out / "tokenizer"  # RULER builds its samples with a tokenizer it loads from a path
+    if harness_tasks:  # RULER builds its samples with a tokenizer it loads from a path: a copy for this run
+        import tempfile
+
+        tokenizer_copy = tempfile.TemporaryDirectory(prefix="hf-longctx-tokenizer-")  # removed with the object
+        tokenizer_dir = Path(tokenizer_copy.name)
         tokenizer.save_pretrained(tokenizer_dir)
     source = f"{args.model}{'/' + args.gguf_file if args.gguf_file else ''}"
 
