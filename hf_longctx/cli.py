@@ -19,9 +19,45 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("perplexity", "passkey", "streaming")
+TASKS = ("perplexity", "passkey", "streaming", "needle")
 UNPATCHED = "none"  # the --preset name of the model as loaded
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+EVAL_DESCRIPTION = """\
+Evaluate MODEL (and each --preset applied to it) at each context length: tables on screen,
+results.json and PNG plots in --out. Finished cells are kept in --out/cells.json: the same
+command run again skips them (an interrupted run resumes where it stopped).
+
+What each task measures:
+  perplexity  the same final tokens scored after L tokens of context (default text: held-out
+              standard library source). Rises with L where the model reads far positions badly.
+  passkey     a 5-digit key hidden in repeated filler, one trial per depth: first number of a
+              greedy continuation == key.
+  needle      a heatmap: length x depth, --needles needles per cell ("the special magic number for
+              WORD is NNNNNNN" in English prose), exact match of the 7-digit value, no judge model.
+              The unpatched model is always run beside the presets.
+  streaming   cumulative perplexity streamed one token at a time through a SinkCache.
+  --harness   lm-evaluation-harness tasks scored by lm-eval itself; the model is wrapped as its
+              HFLM with max_length set to the method's reach (nothing is cut from the left) and
+              RULER's metadata (tokenizer, max_seq_lengths=[L]) filled. RULER scores lengths
+              4k, 8k, ..., 128k. Tasks that download data are refused.
+
+Time: a needle prompt, a RULER sample or a perplexity window is one forward pass of L tokens.
+SmolLM2-135M, float32, 2 CPU cores shared with other jobs (load ~9): 4k, 1.2-1.9 min (none, yarn,
+dynamic), 2.3 min (self-extend), 3.6 min (dual chunk); 8k, 2.6-2.8 min (none, yarn, dynamic,
+self-extend), 3.4 min (dual chunk). Longer L costs more than proportionally (attention): one 32k
+self-extend passkey prompt took 11 min here in an earlier measurement.
+
+Reading the heatmap (needle-METHOD.png): columns are lengths, rows depths (0% = needle at the
+start of the text, 100% = right before the question); green = every needle found, red = none.
+The dotted line marks the trained length; the title gives the effective length: the longest
+length whose mean score, and that of every shorter one, is >= --threshold (RULER's 85.6).
+
+A preset refuses lengths beyond its reach, the longest input whose relative positions all stay
+inside the trained range (yarn-4x: 4 x trained; self-extend: (trained - W) x G + W; dynamic NTK
+and dual chunk: any); --beyond-reach measures them anyway.
+"""
 
 
 class CliError(ValueError):
@@ -131,6 +167,28 @@ def _evaluation_text(args, tokenizer):
     return torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
 
 
+def _parse_depths(text: str) -> list[float]:
+    try:
+        depths = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        depths = []
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise CliError(f"bad --depths '{text}': comma-separated fractions in [0, 1], e.g. 0,0.5,1")
+    return depths
+
+
+def _check_reach(name: str, model, lengths: list[int], beyond: bool) -> None:
+    """One line when a method cannot reach the longest length (the unpatched model is the reference: never)."""
+    from .evaluation.needle import reach
+
+    limit, how = reach(model)
+    if name != UNPATCHED and limit is not None and max(lengths) > limit and not beyond:
+        raise CliError(
+            f"{name} reaches {limit} tokens ({how}), --lengths asks for {max(lengths)}: drop the longer lengths "
+            "or pass --beyond-reach to measure them anyway"
+        )
+
+
 def cmd_eval(args) -> None:
     from . import applied_sections, load_spec, patch, unpatch
     from .demo import ByteTokenizer
@@ -144,15 +202,31 @@ def cmd_eval(args) -> None:
         plot_passkey,
         write_json,
     )
+    from .evaluation.cells import CellStore
 
     lengths = parse_lengths(args.lengths)
-    tasks = parse_choices(args.tasks, TASKS, "task")
+    if args.tasks is None:
+        tasks = [] if args.harness else ["perplexity"]
+    else:
+        tasks = parse_choices(args.tasks, TASKS, "task")
+    harness_tasks = []
+    if args.harness:
+        from .evaluation.harness import check_lengths, check_tasks
+
+        harness_tasks = check_tasks([t.strip() for t in args.harness.split(",") if t.strip()])
+        check_lengths(harness_tasks, lengths)
+    depths = _parse_depths(args.depths)
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit must be >= 1, got {args.limit}")
     names = [n.strip() for n in args.preset.split(",")] if args.preset else [UNPATCHED]
+    if "needle" in tasks and UNPATCHED not in names:
+        names.insert(0, UNPATCHED)  # the heatmap shows the unpatched model beside every method
     # Everything that can be checked is checked before the (slow) model load.
     specs = {n: None if n == UNPATCHED else load_spec(n) for n in names}
     if args.data and not Path(args.data).expanduser().is_file():
         raise CliError(f"--data '{args.data}' is not a file")
     out = Path(args.out)
+    store = CellStore(out / "cells.json")  # finished cells: a rerun of the same command resumes
     model = load_model(args)
     loaded_patches = applied_sections(model)
     tokenizer = load_tokenizer(args, model)
@@ -160,6 +234,15 @@ def cmd_eval(args) -> None:
         token_bytes = len
     else:
         token_bytes = lambda ids: len(tokenizer.decode(ids).encode("utf-8"))  # noqa: E731
+    if harness_tasks and isinstance(tokenizer, ByteTokenizer):
+        raise CliError(f"--harness needs a model with a tokenizer; {args.model} has none")
+    for name, spec in specs.items():  # every method's reach, before any long run
+        if spec is not None:
+            patched = patch(model, spec)
+            try:
+                _check_reach(name, patched, lengths, args.beyond_reach)
+            finally:
+                model = load_model(args) if loaded_patches else unpatch(patched)
     tokens = _evaluation_text(args, tokenizer) if {"perplexity", "streaming"} & set(tasks) else None
     passkey_lengths = lengths
     if "passkey" in tasks:
@@ -167,23 +250,94 @@ def cmd_eval(args) -> None:
         passkey_lengths = [n for n in lengths if n >= shortest]
         if len(passkey_lengths) < len(lengths):
             print(f"passkey: lengths below {shortest} tokens skipped (the prompt alone is that long)")
-    results: dict[str, list[dict]] = {task: [] for task in tasks}
+    needle_lengths = lengths
+    if "needle" in tasks:
+        from .evaluation.needle import make_needles, min_needle_length
+
+        shortest = min_needle_length(tokenizer, make_needles(args.needles))
+        needle_lengths = [n for n in lengths if n >= shortest]
+        if len(needle_lengths) < len(lengths):
+            print(f"needle: lengths below {shortest} tokens skipped (the prompt alone is that long)")
+    tokenizer_dir = None
+    if harness_tasks:  # RULER builds its samples with a tokenizer it loads from a path: a copy for this run
+        import tempfile
+
+        tokenizer_copy = tempfile.TemporaryDirectory(prefix="hf-longctx-tokenizer-")  # removed with the object
+        tokenizer_dir = Path(tokenizer_copy.name)
+        tokenizer.save_pretrained(tokenizer_dir)
+    source = f"{args.model}{'/' + args.gguf_file if args.gguf_file else ''}"
+
+    def perplexity_key(name):
+        return store.key("perplexity", source, name, ",".join(map(str, lengths)), args.windows, args.data or "stdlib")
+
+    def needle_key(name, length, depth):
+        return store.key("needle", source, name, length, depth, args.needles, args.seed)
+
+    def harness_key(name, task, length):
+        return store.key("harness", source, name, task, length, args.limit)
+
+    def pending(name):
+        return (("perplexity" in tasks and perplexity_key(name) not in store)
+                or {"passkey", "streaming"} & set(tasks)
+                or any(needle_key(name, n, d) not in store for n in needle_lengths for d in depths if "needle" in tasks)
+                or any(harness_key(name, t, n) not in store for t in harness_tasks for n in lengths))  # fmt: skip
+
+    results: dict[str, list[dict]] = {task: [] for task in tasks + (["harness"] if harness_tasks else [])}
     for name, spec in specs.items():
-        evaluated = model if spec is None else patch(model, spec)
+        if not pending(name):
+            logger.info("%s: every cell is in %s", name, store.path)
+        else:
+            evaluated = model if spec is None else patch(model, spec)
+            if "perplexity" in tasks and perplexity_key(name) not in store:
+                points = perplexity_vs_length(
+                    evaluated, tokens, lengths, num_windows=args.windows, token_bytes=token_bytes, desc=f"{name} perplexity"
+                )
+                store.put(perplexity_key(name), [{"method": name, **p.to_dict()} for p in points])
+            if "passkey" in tasks:
+                points = passkey_accuracy(evaluated, tokenizer, passkey_lengths, trials=args.trials, desc=f"{name} passkey")
+                results["passkey"] += [{"method": name, **p.to_dict()} for p in points]
+            if "streaming" in tasks:
+                results["streaming"] += _streaming_rows(name, evaluated, tokens, lengths)
+            if "needle" in tasks:
+                from .evaluation.needle import NeedleCell, needle_grid
+
+                def done(length, depth, name=name):
+                    row = store.get(needle_key(name, length, depth))
+                    return None if row is None else NeedleCell(**{k: v for k, v in row.items() if k != "method"})
+
+                def on_cell(cell, name=name):
+                    store.put(needle_key(name, cell.length, cell.depth), {"method": name, **cell.to_dict()})
+
+                needle_grid(evaluated, tokenizer, needle_lengths, depths, needles=args.needles, seed=args.seed,
+                            done=done, on_cell=on_cell, desc=f"{name} needle")  # fmt: skip
+            if harness_tasks:
+                from .evaluation.harness import harness_scores
+
+                for length in lengths:
+                    for task in harness_tasks:
+                        if harness_key(name, task, length) in store:
+                            continue
+                        score = harness_scores(evaluated, tokenizer, task, length, limit=args.limit,
+                                               tokenizer_path=str(tokenizer_dir))  # fmt: skip
+                        store.put(harness_key(name, task, length), {"method": name, "task": task, "length": length,
+                                                                    "limit": args.limit, **score})  # fmt: skip
+            if spec is not None:
+                # unpatch would also undo the patches the checkpoint was saved with: reload those instead.
+                model = load_model(args) if loaded_patches else unpatch(evaluated)
         if "perplexity" in tasks:
-            points = perplexity_vs_length(
-                evaluated, tokens, lengths, num_windows=args.windows, token_bytes=token_bytes, desc=f"{name} perplexity"
-            )
-            results["perplexity"] += [{"method": name, **p.to_dict()} for p in points]
-        if "passkey" in tasks:
-            points = passkey_accuracy(evaluated, tokenizer, passkey_lengths, trials=args.trials, desc=f"{name} passkey")
-            results["passkey"] += [{"method": name, **p.to_dict()} for p in points]
-        if "streaming" in tasks:
-            results["streaming"] += _streaming_rows(name, evaluated, tokens, lengths)
-        if spec is not None:
-            # unpatch would also undo the patches the checkpoint was saved with: reload those instead.
-            model = load_model(args) if loaded_patches else unpatch(evaluated)
+            results["perplexity"] += store.get(perplexity_key(name))
+        if "needle" in tasks:
+            results["needle"] += [store.get(needle_key(name, n, d)) for n in needle_lengths for d in depths]
+        if harness_tasks:
+            results["harness"] += [store.get(harness_key(name, t, n)) for t in harness_tasks for n in lengths]
     out.mkdir(parents=True, exist_ok=True)
+    if results.get("needle"):
+        from .evaluation.needle import effective_length
+
+        results["effective_length"] = {
+            "threshold": args.threshold,
+            "lengths": {n: effective_length([r for r in results["needle"] if r["method"] == n], args.threshold) for n in names},
+        }
     write_json(results, out / "results.json")
     written = [out / "results.json"]
     if results.get("perplexity"):
@@ -202,6 +356,27 @@ def cmd_eval(args) -> None:
         print("\nStreaming perplexity (cumulative, one token at a time through a SinkCache)\n")
         print(markdown_table(results["streaming"], "perplexity"))
         written.append(plot_lines(results["streaming"], out / "streaming.png", "perplexity", title=args.model))
+    if results.get("needle"):
+        from .evaluation.needle import mean_scores
+        from .evaluation.report import plot_needle
+
+        trained = model.config.get_text_config(decoder=True).max_position_embeddings
+        rows = [{"method": n, "length": length, "score": s}
+                for n in names for length, s in mean_scores([r for r in results["needle"] if r["method"] == n]).items()]
+        print(f"\nNeedle score, % found (mean over depths; {args.needles} needles per cell)\n")
+        print(markdown_table(rows, "score", fmt="{:.0f}"))
+        print(f"\nEffective length (mean score >= {args.threshold:g} at that length and every shorter one)\n")
+        for name in names:
+            value = results["effective_length"]["lengths"][name]
+            print(f"  {name}: {'below the threshold at every length' if value is None else value}")
+        for name in names:
+            rows = [r for r in results["needle"] if r["method"] == name]
+            written.append(plot_needle(rows, out / f"needle-{_slug(name)}.png", threshold=args.threshold,
+                                       trained_length=trained, title=f"needle: {name}"))  # fmt: skip
+    if results.get("harness"):
+        print(f"\nlm-evaluation-harness scores (limit {args.limit or 'none'} samples per task and length)\n")
+        rows = [{"method": f"{r['method']} {r['task']}", "length": r["length"], "score": r["score"]} for r in results["harness"]]
+        print(markdown_table(rows, "score", fmt="{:.2f}"))
     print("\nWrote " + ", ".join(str(p) for p in written))
 
 
@@ -300,20 +475,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="perplexity, passkey retrieval and streaming perplexity against context length",
-        description="Evaluate MODEL at each context length: a table on screen, results.json and PNG plots in --out. "
-        "Without --data the text is the held-out Python standard library files of the demo.",
+        help="perplexity, passkey, needle heatmap, streaming perplexity and lm-eval tasks against context length",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=EVAL_DESCRIPTION,
     )
     add_model_arguments(evaluate)
     evaluate.add_argument(
         "--preset", help=f"comma-separated presets to compare; '{UNPATCHED}' is the model as loaded (default)"
     )
     evaluate.add_argument("--lengths", required=True, help="comma-separated context lengths in tokens, e.g. 1k,2k,4k")
-    evaluate.add_argument("--tasks", default="perplexity", help=f"comma-separated, from {', '.join(TASKS)} (default: %(default)s)")
+    evaluate.add_argument(
+        "--tasks", help=f"comma-separated, from {', '.join(TASKS)} (default: perplexity, or none with --harness)"
+    )
+    evaluate.add_argument(
+        "--harness", metavar="TASKS",
+        help="comma-separated lm-evaluation-harness tasks (needs the [eval] extra); RULER's offline ones: "
+        "niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe",
+    )  # fmt: skip
+    evaluate.add_argument("--limit", type=int, help="--harness: samples per task and length (default: all 500)")
     evaluate.add_argument("--data", help="a UTF-8 text file to score (default: held-out standard library source)")
     evaluate.add_argument("--out", default="hf_longctx_eval", help="folder for results.json and plots (default: %(default)s)")
     evaluate.add_argument("--windows", type=int, default=32, help="perplexity windows per length (default: %(default)s)")
     evaluate.add_argument("--trials", type=int, default=5, help="passkey trials per length and depth (default: %(default)s)")
+    evaluate.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, 0 = start (default: %(default)s)")
+    evaluate.add_argument("--needles", type=int, default=3, help="needles per length and depth (default: %(default)s)")
+    evaluate.add_argument("--seed", type=int, default=0, help="needle words and values (default: %(default)s)")
+    evaluate.add_argument(
+        "--threshold", type=float, default=85.6, help="needle score (%%) the effective length keeps (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--beyond-reach", action="store_true",
+        help="measure a method at lengths past its reach (where it shows positions it was not trained on)",
+    )  # fmt: skip
     evaluate.set_defaults(run=cmd_eval)
 
     presets = commands.add_parser("presets", help="list the presets", description="List the presets with a one-line description each.")

@@ -174,3 +174,52 @@ def test_eval_keeps_the_patches_a_checkpoint_was_saved_with(capsys, tmp_path, as
     alone = json.loads((tmp_path / "b" / "results.json").read_text())["perplexity"]
     assert [r["nll"] for r in both[2:]] == [r["nll"] for r in alone]
     assert [r["nll"] for r in both[:2]] != [r["nll"] for r in alone]
+
+
+def test_eval_needle_writes_heatmaps_effective_lengths_and_resumes(capsys, tmp_path, model_dir):
+    argv = ["eval", model_dir, "--preset", "yarn-4x", "--tasks", "needle", "--lengths", "300,400", "--depths", "0,1",
+            "--needles", "2", "--out", tmp_path, "--beyond-reach"]  # fmt: skip
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["needle"]
+    # the unpatched model is always evaluated beside the presets, at every length
+    assert [(r["method"], r["length"], r["depth"]) for r in rows] == [
+        (m, n, d) for m in ("none", "yarn-4x") for n in (300, 400) for d in (0.0, 1.0)]
+    assert all(r["needles"] == 2 and r["score"] in (0.0, 50.0, 100.0) and len(r["answers"]) == 2 for r in rows)
+    assert results["effective_length"]["threshold"] == 85.6
+    assert set(results["effective_length"]["lengths"]) == {"none", "yarn-4x"}
+    for name in ("needle-none.png", "needle-yarn-4x.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert "Effective length" in out and "| yarn-4x |" in out
+    # A rerun takes every finished cell from cells.json: change one there and it shows in the results.
+    cells = json.loads((tmp_path / "cells.json").read_text())
+    key = next(k for k in cells if k.startswith("needle|") and "|yarn-4x|400|1.0|" in k)
+    cells[key]["score"] = 12.5
+    (tmp_path / "cells.json").write_text(json.dumps(cells))
+    code, _, _ = run(capsys, *argv)
+    assert code == 0
+    again = json.loads((tmp_path / "results.json").read_text())["needle"]
+    assert [r["score"] for r in again] == [12.5 if (r["method"], r["length"], r["depth"]) == ("yarn-4x", 400, 1.0)
+                                           else r["score"] for r in rows]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--preset", "yarn-4x", "--tasks", "needle", "--lengths", "1k"],
+         "yarn-4x reaches 256 tokens (factor 4 x 64 trained), --lengths asks for 1024"),
+        (["--preset", "self-extend-4x", "--tasks", "needle", "--lengths", "300"], "self-extend-4x reaches 64 tokens"),
+        (["--tasks", "needle", "--lengths", "1k", "--depths", "0,2"], "bad --depths '0,2'"),
+        (["--tasks", "needles", "--lengths", "1k"], "unknown task 'needles'"),
+        (["--harness", "niah_single_2", "--lengths", "4k"],
+         "harness task 'niah_single_2' needs the network: it downloads the Paul Graham essays"),
+        (["--harness", "babilong", "--lengths", "4k"], "harness task 'babilong' needs the network"),
+    ],
+)
+def test_eval_needle_bad_input_gives_one_clear_line(capsys, tmp_path, model_dir, argv, expected):
+    code, _, err = run(capsys, "eval", model_dir, "--out", tmp_path, *argv)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("hf-longctx: error: ")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "cells.json").exists()  # refused before any cell ran

@@ -1,5 +1,9 @@
-"""Evaluation: perplexity vs context length, passkey retrieval, streaming perplexity, tables and plots."""
+"""Evaluation: perplexity vs context length, passkey retrieval, needle heatmap, streaming perplexity,
+lm-evaluation-harness on a patched model, tables and plots."""
 
+from .harness import harness_model, ruler_metadata
+from .harness import evaluate as harness_evaluate
+from .needle import NeedleCell, effective_length, needle_grid, reach
 from .passkey import (
     PasskeyPoint,
     first_number,
@@ -10,10 +14,18 @@ from .passkey import (
     passkey_prompt,
 )
 from .perplexity import PerplexityPoint, perplexity_vs_length, score_last_tokens, window_ends
-from .report import format_length, markdown_table, plot_lines, plot_passkey, write_json
+from .report import format_length, markdown_table, plot_lines, plot_needle, plot_passkey, write_json
 from .streaming import parallel_streaming_check, streaming_nll, streaming_perplexity
 
 __all__ = [
+    "NeedleCell",
+    "effective_length",
+    "harness_evaluate",
+    "harness_model",
+    "needle_grid",
+    "plot_needle",
+    "reach",
+    "ruler_metadata",
     "PasskeyPoint",
     "PerplexityPoint",
     "format_length",

@@ -115,3 +115,48 @@ def write_json(data: Any, path: str | Path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def plot_needle(
+    rows: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    threshold: float | None = None,
+    trained_length: int | None = None,
+    title: str = "needle in a haystack",
+) -> Path:
+    """The needle heatmap: depth down, length across, score (% found) in each cell, red 0 to green 100.
+
+    ``trained_length`` draws a dotted line after the last column within it; ``threshold`` puts the
+    effective length in the title.
+    """
+    from .needle import effective_length
+
+    path = Path(path)
+    lengths = sorted(_unique(r["length"] for r in rows))
+    depths = sorted(_unique(r["depth"] for r in rows))
+    cells = {(r["depth"], r["length"]): r["score"] for r in rows}
+    grid = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 3, 0.5 * len(depths) + 2))
+    image = ax.imshow(grid, vmin=0.0, vmax=100.0, cmap="RdYlGn", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    if trained_length is not None:
+        inside = [j for j, n in enumerate(lengths) if n <= trained_length]
+        if inside and inside[-1] < len(lengths) - 1:
+            ax.axvline(inside[-1] + 0.5, color="black", linestyle=":", linewidth=1.5)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("depth of the needle")
+    if threshold is not None:
+        effective = effective_length(rows, threshold)
+        title = f"{title}\neffective length ({threshold:g}%): {'none' if effective is None else format_length(effective)}"
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="needles found (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
