@@ -29,8 +29,8 @@ call without a mask, ``lo`` moving and ``hi`` constant a causal call on the rows
 decode step is one run per pass; Self-Extend's prefill is about two runs per pass, Dual Chunk's three per
 chunk. Padded batches go row by row (the pads cut off), GQA as it is (the kernel takes fewer key/value heads).
 Memory is the kernel's: O(block) per program, nothing of size rows x keys. With gradients enabled on the
-queries (fine-tuning through ``extend``), or head dims above 128, the torch path below runs instead: the kernel's forward is not
-differentiated here.
+queries (fine-tuning through ``extend``; the kernel's forward is not differentiated here), or head dims
+above 128, the torch path below runs instead.
 
 Positions. Queries take theirs from ``position_ids``; a key's position follows from its index:
 key ``j`` sits ``M - 1 - j`` places before the last query. That is exact for a plain or
