@@ -93,6 +93,9 @@ def close(a, b, tol=1e-4):
 
 
 def _use(form: str, monkeypatch) -> str:
+    if form == "fused":  # the Triton kernel, as on CUDA (here in the interpreter)
+        monkeypatch.setattr(extend_attention, "FUSED", True)
+        return form
     if form != "single_pass":
         monkeypatch.setattr(extend_attention, "_SINGLE_PASS_ELEMENTS", 0)
     if form.startswith("blocks_of_"):
@@ -101,15 +104,15 @@ def _use(form: str, monkeypatch) -> str:
     return form
 
 
-@pytest.fixture(params=["single_pass", "blocks_of_7", "blocks_of_2", "band_and_lag"])
+@pytest.fixture(params=["single_pass", "blocks_of_7", "blocks_of_2", "band_and_lag", "fused"])
 def path(request, monkeypatch):
     """Every form of the attention: one softmax over all keys; passes in blocks merged by log-sum-exp (blocks
     wider than the window: masked tiles; narrower: causal, anticausal and full tiles); Self-Extend's prefill
-    as a sliding window and one causal call (dual_chunk takes the blocks there)."""
+    as a sliding window and one causal call (dual_chunk takes the blocks there); the Triton kernel (CUDA's)."""
     return _use(request.param, monkeypatch)
 
 
-@pytest.fixture(params=["single_pass", "blocks_of_2", "band_and_lag"])
+@pytest.fixture(params=["single_pass", "blocks_of_2", "band_and_lag", "fused"])
 def forms(request, monkeypatch):
     return _use(request.param, monkeypatch)
 
@@ -150,7 +153,9 @@ def test_equal_to_plain_inside_exact_span(model_type, section, forms):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 @pytest.mark.parametrize("section", [SELF_EXTEND, DUAL_CHUNK], ids=["self_extend", "dual_chunk"])
-def test_cached_decoding_equals_reference(model_type, section):
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu", "fused"])
+def test_cached_decoding_equals_reference(model_type, section, fused, monkeypatch):
+    monkeypatch.setattr(extend_attention, "FUSED", fused)
     model, reference = pair(model_type, section)
     ids = tokens(1, 30)
     prompt = 13
@@ -183,6 +188,79 @@ def test_left_padded_batch_equals_each_prompt_alone(section, forms):
         for row, prompt in enumerate(prompts):
             alone = model.generate(prompt[None], max_new_tokens=6, do_sample=False)
             assert torch.equal(generated[row, T:], alone[0, len(prompt):])
+
+
+def _geometry(b: int, n: int, m: int, pads: tuple[int, ...] | None):
+    """(q_pos, k_pos, key_valid) as the attention function derives them: left pads, consecutive positions."""
+    if pads is None:
+        q_pos = torch.arange(m - n, m).expand(b, n)
+        key_valid = None
+    else:
+        mask = torch.ones(b, m, dtype=torch.long)
+        for row, pad in enumerate(pads):
+            mask[row, :pad] = 0
+        q_pos = ((mask.cumsum(-1) - 1).clamp(min=0))[:, m - n:]
+        key_valid = mask.bool()
+    k_pos = q_pos[:, -1:] - (m - 1 - torch.arange(m))
+    return q_pos, k_pos, key_valid
+
+
+@pytest.mark.parametrize("section", [SELF_EXTEND, DUAL_CHUNK], ids=["self_extend", "dual_chunk"])
+@pytest.mark.parametrize("n, m, pads", [(T, T, None), (T, T, (0, 11)), (1, T, None), (1, T, (3, 0)), (7, T, None),
+                                        (70, 70, None)],
+                         ids=["prefill", "prefill_padded", "decode", "decode_padded", "chunk", "prefill_70"])
+def test_fused_kernel_path_equals_the_cpu_path(section, n, m, pads, monkeypatch):
+    """The Triton kernel's path (CUDA's; the interpreter here) against the CPU path, float32, GQA 4 / 2."""
+    from hf_longctx.extend.config import ExtendSpec
+    from hf_longctx.extend.rules import passes
+
+    rules = passes(ExtendSpec(**section))
+    gen = torch.Generator().manual_seed(n + m)
+    b, d = 2, 32
+    query = torch.randn(b, 4, n, d, generator=gen)
+    key, value = (torch.randn(b, 2, m, d, generator=gen) for _ in range(2))
+    q_pos, k_pos, key_valid = _geometry(b, n, m, pads)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    outputs = {}
+    for form in ("fused", "single_pass", "blocks_of_7"):
+        with monkeypatch.context() as patch:
+            patch.setattr(extend_attention, "FUSED", form == "fused")
+            if form.startswith("blocks"):
+                patch.setattr(extend_attention, "_SINGLE_PASS_ELEMENTS", 0)
+                patch.setattr(extend_attention, "BAND_AND_LAG", False)
+                patch.setattr(extend_attention, "BLOCK_SIZE", 7)
+            outputs[form] = extend_attention.remapped_attention(query, key, value, q_pos, k_pos, key_valid, rules,
+                                                                inv_freq, scaling=d ** -0.5)
+    for form in ("single_pass", "blocks_of_7"):
+        error = ((outputs["fused"] - outputs[form]).abs().max() / outputs[form].abs().max()).item()
+        assert error <= 1e-5, f"fused vs {form}: {error:.2g}"
+    if pads is not None:  # pad query rows own no key: zeros, as on the CPU path
+        assert torch.equal(outputs["fused"] == 0, outputs["single_pass"] == 0)
+
+
+def test_fused_path_builds_no_score_matrix(monkeypatch):
+    """Every kernel call of the fused path sees a slice of the keys with a mask the kernel computes itself."""
+    from hf_longctx.extend.config import ExtendSpec
+    from hf_longctx.extend.rules import passes
+
+    monkeypatch.setattr(extend_attention, "FUSED", True)
+    calls = []
+    kernel = extend_attention._kernel_with_lse
+    monkeypatch.setattr(extend_attention, "_kernel_with_lse",
+                        lambda q, k, v, causal, window, scaling: calls.append((q.shape[2], k.shape[2], causal, window))
+                        or kernel(q, k, v, causal, window, scaling))
+    monkeypatch.setattr(torch, "matmul", None)  # no dense scores anywhere on this path
+    n = 70
+    q_pos, k_pos, _ = _geometry(1, n, n, None)
+    x = torch.randn(1, 2, n, 16)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    extend_attention.remapped_attention(x, x, x, q_pos, k_pos, None, passes(ExtendSpec(**SELF_EXTEND)), inv_freq,
+                                        scaling=0.25)
+    window = SELF_EXTEND["window"]
+    # neighbor pass: rows 0 .. W-1 see keys from 0 (causal), the others a window of W (keys 1 .. n-1)
+    assert (window, window, True, None) in calls and (n - window, n - 1, True, window) in calls
+    assert (n - window, n - window, True, None) in calls  # grouped pass: rows W .. n-1 over keys 0 .. n-W-1, causal
+    assert len(calls) == 3
 
 
 def test_unpatch_is_bit_identical():

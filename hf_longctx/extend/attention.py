@@ -20,6 +20,18 @@ batch: two calls) and the grouped pass one causal call of the queries from row W
 up to N - W. A few queries (a decode step) take one pass: the scores of every key, each computed at
 its own pass's positions, in one softmax.
 
+On CUDA (and on the CPU under Triton's interpreter when ``FUSED`` is set) every pass runs through the
+project's Triton flash kernel, which returns the log-sum-exp (:func:`_fused`): no ``[rows, keys]`` score
+matrix is built. A pass's owned key interval ``[lo(i), hi(i)]`` is cut into runs of query rows where each
+end is constant or moves by one key per row, and each run is one kernel call over a slice of the keys:
+``hi`` moving and ``lo`` constant is a causal call, both moving a causal call with a window, both constant a
+call without a mask, ``lo`` moving and ``hi`` constant a causal call on the rows and keys read backwards. A
+decode step is one run per pass; Self-Extend's prefill is about two runs per pass, Dual Chunk's three per
+chunk. Padded batches go row by row (the pads cut off), GQA as it is (the kernel takes fewer key/value heads).
+Memory is the kernel's: O(block) per program, nothing of size rows x keys. With gradients enabled on the
+queries (fine-tuning through ``extend``; the kernel's forward is not differentiated here), or head dims
+above 128, the torch path below runs instead.
+
 Positions. Queries take theirs from ``position_ids``; a key's position follows from its index:
 key ``j`` sits ``M - 1 - j`` places before the last query. That is exact for a plain or
 chunked prefill, cached decoding and left-padded batches (the pads sit left of every token and
@@ -29,11 +41,16 @@ consecutive (packed documents).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from .rules import Pass
 
+# Run the passes through the Triton kernel: on CUDA tensors (None: whenever they are on CUDA), or forced (True, on
+# the CPU under TRITON_INTERPRET=1, for tests) or off (False).
+FUSED: bool | None = None
 # Queries x keys below which the single-pass form (materialised scores) is used: a decode step, a short chunk.
 _SINGLE_PASS_ELEMENTS = 1 << 22
 BLOCK_SIZE = 512  # query rows per call of the blocked form
@@ -252,6 +269,96 @@ def _single_pass(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, sc
     return torch.matmul(probs, _expand_heads(value, groups))
 
 
+def _runs(lo: np.ndarray, hi: np.ndarray):
+    """Runs ``(r0, r1, lo_kind, hi_kind)`` of query rows ``r0 .. r1 - 1`` whose owned key indices ``lo``/``hi``
+    ``[n]`` (inclusive, already clipped to the valid keys) each stay constant (``"const"``) or move by one key per
+    row (``"diag"``); rows that own no key are left out."""
+    n = lo.shape[0]
+    runs, r0 = [], 0
+    while r0 < n:
+        if lo[r0] > hi[r0]:
+            r0 += 1
+            continue
+        r1 = r0 + 1
+        kinds = None
+        while r1 < n and lo[r1] <= hi[r1]:
+            step = (int(lo[r1] - lo[r1 - 1]), int(hi[r1] - hi[r1 - 1]))
+            if step[0] not in (0, 1) or step[1] not in (0, 1) or (kinds is not None and step != kinds):
+                break
+            kinds, r1 = step, r1 + 1
+        kinds = kinds or (0, 0)
+        runs.append((r0, r1, "diag" if kinds[0] else "const", "diag" if kinds[1] else "const"))
+        r0 = r1
+    return runs
+
+
+def _kernel_with_lse(q, k, v, causal: bool, window: int | None, scaling: float):
+    """The Triton kernel's forward on ``[1, H, n, D]`` q over ``[1, Hkv, m, D]`` k/v (bottom-right aligned):
+    (out, natural log-sum-exp ``[1, H, n]``)."""
+    from ..kernels.flash_attention import _flash_forward, _lengths
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # slices as they are (strided)
+    out, lse2 = _flash_forward(q, k, v, _lengths(None, q.shape[2], k.shape[2]), None, None, None, causal, window, 0,
+                               None, scaling)
+    return out, lse2 * math.log(2.0)
+
+
+def _run_attention(q, k, v, lo, hi, lo_kind, hi_kind, scaling):
+    """One run of rows (q ``[1, H, rows, D]``) over the keys it owns (``lo``/``hi``: the run's key indices)."""
+    k0, k1 = int(lo.min()), int(hi.max()) + 1
+    k, v = k[:, :, k0:k1], v[:, :, k0:k1]
+    if hi_kind == "diag":  # row r owns keys up to hi(r): causal over keys ending at the last row's hi
+        window = int(hi[0] - lo[0]) + 1 if lo_kind == "diag" else None
+        return _kernel_with_lse(q, k, v, True, window, scaling)
+    if lo_kind == "const":
+        return _kernel_with_lse(q, k, v, False, None, scaling)
+    # lo moves, hi constant: row r owns lo(r) .. k1 - 1, the causal form read backwards.
+    out, lse = _kernel_with_lse(q.flip(2), k.flip(2), v.flip(2), True, None, scaling)
+    return out.flip(2), lse.flip(2)
+
+
+def _fused(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling):
+    """The passes through the Triton kernel, row of the batch by row, merged by their log-sum-exps."""
+    b, hq, n, d = query.shape
+    num_keys = key.shape[2]
+    first_key = k_pos[:, :1]
+    valid = None if key_valid is None else key_valid.cpu().numpy()
+    prepared = []
+    for rule in rules:
+        lo, hi = rule.keys(q_pos)
+        prepared.append((_moved(query, q_pos, rule.query, inv_freq), _moved(key, k_pos, rule.key, inv_freq),
+                         (lo - first_key).cpu().numpy(), (hi - first_key).cpu().numpy()))
+    out = torch.zeros_like(query)
+    for row in range(b):
+        first = 0 if valid is None else int(np.argmax(valid[row])) if valid[row].any() else num_keys
+        parts = []
+        for q_rule, k_rule, lo_all, hi_all in prepared:
+            lo = np.maximum(lo_all[row], first)  # pads sit left of every token: cut them off
+            hi = np.minimum(hi_all[row], num_keys - 1)
+            for r0, r1, lo_kind, hi_kind in _runs(lo, hi):
+                part, part_lse = _run_attention(q_rule[row:row + 1, :, r0:r1], k_rule[row:row + 1],
+                                                value[row:row + 1], lo[r0:r1], hi[r0:r1], lo_kind, hi_kind, scaling)
+                parts.append((r0, r1, part, part_lse))
+        if not parts:
+            continue
+        lse = torch.full((1, hq, n), float("-inf"), device=query.device, dtype=torch.float32)
+        for r0, r1, _, part_lse in parts:
+            lse[:, :, r0:r1] = torch.logaddexp(lse[:, :, r0:r1], part_lse.float())
+        acc = torch.zeros(1, hq, n, d, device=query.device, dtype=torch.float32)
+        for r0, r1, part, part_lse in parts:
+            acc[:, :, r0:r1] += part.float() * torch.exp(part_lse.float() - lse[:, :, r0:r1])[..., None]
+        out[row:row + 1] = acc.nan_to_num_(0.0).to(query.dtype)  # a row without keys (a pad): zeros
+    return out
+
+
+def _use_fused(query) -> bool:
+    if FUSED is False or query.shape[-1] > 128 or query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and query.requires_grad:  # the kernel's forward has no autograd here
+        return False
+    return query.is_cuda or FUSED is True
+
+
 def remapped_attention(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, *, scaling: float) -> torch.Tensor:
     """Softmax attention where each key is scored at the positions of the pass that owns it.
 
@@ -263,7 +370,9 @@ def remapped_attention(query, key, value, q_pos, k_pos, key_valid, rules, inv_fr
     n, m = query.shape[2], key.shape[2]
     band_and_lag = (len(rules) == 2 and rules[0].band is not None and rules[1].lag is not None and n == m
                     and key_valid is None and bool((q_pos == q_pos[:1]).all()))
-    if n * m <= _SINGLE_PASS_ELEMENTS:
+    if _use_fused(query):
+        out = _fused(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling)
+    elif n * m <= _SINGLE_PASS_ELEMENTS:
         out = _single_pass(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling)
     elif band_and_lag and BAND_AND_LAG:
         out = _band_and_lag(query, key, value, q_pos, rules, inv_freq, scaling)
