@@ -104,11 +104,12 @@ def _use(form: str, monkeypatch) -> str:
     return form
 
 
-@pytest.fixture(params=["single_pass", "blocks_of_7", "blocks_of_2", "band_and_lag", "fused"])
+@pytest.fixture(params=["single_pass", "blocks_of_7", "blocks_of_2", "band_and_lag"])
 def path(request, monkeypatch):
     """Every form of the attention: one softmax over all keys; passes in blocks merged by log-sum-exp (blocks
     wider than the window: masked tiles; narrower: causal, anticausal and full tiles); Self-Extend's prefill
-    as a sliding window and one causal call (dual_chunk takes the blocks there); the Triton kernel (CUDA's)."""
+    as a sliding window and one causal call (dual_chunk takes the blocks there). The Triton kernel's path (CUDA's)
+    runs in the interpreter through `forms` and the fused tests below, which keeps the suite's time in bounds."""
     return _use(request.param, monkeypatch)
 
 
