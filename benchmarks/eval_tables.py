@@ -70,7 +70,7 @@ def perplexity_table(groups: list[list[dict]]) -> str:
         bpb = f"{last['bits_per_byte']:.4f}" if last and last.get("bits_per_byte") else "-"
         ratio = f"{last['perplexity'] / base[lengths[-1]]:.4f}x" if last and lengths[-1] in base else "-"
         lines.append(f"| {m} | " + " | ".join(ppl) + f" | {bpb} | {ratio} |")
-    return "\n".join(lines)
+    return "Perplexity of the same final tokens (ratio to the unpatched model at the longest length)\n\n" + "\n".join(lines)
 
 
 def harness_table(rows: list[dict]) -> str:
