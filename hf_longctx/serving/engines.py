@@ -194,11 +194,13 @@ def _section_rows(config: dict, sections: dict[str, Any], rope_in_memory: bool, 
     text = _text(config)
     everyone = list(rows.values())
     if rope_in_memory:
+        # below the trained length a dynamic section rotates as the shipped rope; the patched context is longer than
+        # the shipped one, past the end of the engine's cos/sin cache
         dynamic = (sections.get("rope") or {}).get("type") == "dynamic"
         for row in everyone:
             row.add(DIFFERENTLY, "the scaled rope has no rope type of transformers and is held in memory: config.json "
-                    "keeps the shipped rope, which the engine serves (hf_longctx.from_pretrained re-applies the patch)",
-                    alone=(dynamic, None if dynamic else False))
+                    "keeps the shipped rope and context, which the engine serves (hf_longctx.from_pretrained re-applies "
+                    "the patch)", alone=(dynamic, None))
     if "alibi" in sections:
         for row in everyone:
             row.add(DIFFERENTLY, "ALiBi is applied by hf_longctx only: the engine serves the rotary model")
