@@ -189,6 +189,14 @@ def _check_reach(name: str, model, lengths: list[int], beyond: bool) -> None:
         )
 
 
+def _fitting(task: str, lengths: list[int], shortest: int) -> list[int]:
+    """The lengths that hold a ``task`` prompt of at least ``shortest`` tokens; says which were skipped."""
+    fitting = [n for n in lengths if n >= shortest]
+    if len(fitting) < len(lengths):
+        print(f"{task}: lengths below {shortest} tokens skipped (the prompt alone is that long)")
+    return fitting
+
+
 def cmd_eval(args) -> None:
     from . import applied_sections, load_spec, patch, unpatch
     from .demo import ByteTokenizer
@@ -246,18 +254,12 @@ def cmd_eval(args) -> None:
     tokens = _evaluation_text(args, tokenizer) if {"perplexity", "streaming"} & set(tasks) else None
     passkey_lengths = lengths
     if "passkey" in tasks:
-        shortest = min_passkey_length(tokenizer, passkey_keys(args.trials))
-        passkey_lengths = [n for n in lengths if n >= shortest]
-        if len(passkey_lengths) < len(lengths):
-            print(f"passkey: lengths below {shortest} tokens skipped (the prompt alone is that long)")
+        passkey_lengths = _fitting("passkey", lengths, min_passkey_length(tokenizer, passkey_keys(args.trials)))
     needle_lengths = lengths
     if "needle" in tasks:
         from .evaluation.needle import make_needles, min_needle_length
 
-        shortest = min_needle_length(tokenizer, make_needles(args.needles))
-        needle_lengths = [n for n in lengths if n >= shortest]
-        if len(needle_lengths) < len(lengths):
-            print(f"needle: lengths below {shortest} tokens skipped (the prompt alone is that long)")
+        needle_lengths = _fitting("needle", lengths, min_needle_length(tokenizer, make_needles(args.needles)))
     tokenizer_dir = None
     if harness_tasks:  # RULER builds its samples with a tokenizer it loads from a path: a copy for this run
         import tempfile

@@ -90,13 +90,18 @@ def plot_lines(
     return path
 
 
+def _depth_length_grid(rows: Sequence[dict[str, Any]], value: str) -> tuple[list, list, list[list[float]]]:
+    """(lengths, depths, grid[depth][length] of ``value``; NaN where no row) of a heatmap's rows."""
+    lengths = sorted(_unique(r["length"] for r in rows))
+    depths = sorted(_unique(r["depth"] for r in rows))
+    cells = {(r["depth"], r["length"]): r[value] for r in rows}
+    return lengths, depths, [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
+
+
 def plot_passkey(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "passkey retrieval") -> Path:
     """A heatmap of accuracy: depth down, length across; writes a PNG."""
     path = Path(path)
-    lengths = sorted(_unique(r["length"] for r in rows))
-    depths = sorted(_unique(r["depth"] for r in rows))
-    cells = {(r["depth"], r["length"]): r["accuracy"] for r in rows}
-    grid = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
+    lengths, depths, grid = _depth_length_grid(rows, "accuracy")
     fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 2))
     image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
@@ -133,10 +138,7 @@ def plot_needle(
     from .needle import effective_length
 
     path = Path(path)
-    lengths = sorted(_unique(r["length"] for r in rows))
-    depths = sorted(_unique(r["depth"] for r in rows))
-    cells = {(r["depth"], r["length"]): r["score"] for r in rows}
-    grid = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
+    lengths, depths, grid = _depth_length_grid(rows, "score")
     fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 3, 0.5 * len(depths) + 2))
     image = ax.imshow(grid, vmin=0.0, vmax=100.0, cmap="RdYlGn", aspect="auto")
     for i, row in enumerate(grid):

@@ -94,10 +94,11 @@ def _record(model: nn.Module) -> str:
     return json.dumps({"hf_longctx": applied_sections(target), "hf_longctx_base": base}, default=str)
 
 
-def _rope_fields(writer, arch: str, model: nn.Module) -> np.ndarray | None:
-    """Write the rope keys; the rope_freqs tensor to add (None where every factor is 1)."""
+def _rope_fields(writer, arch: str, model: nn.Module, rope: tuple) -> np.ndarray | None:
+    """Write the rope keys of ``rope`` (:func:`rotation`); the rope_freqs tensor to add (None where every factor
+    is 1)."""
     gguf = _gguf()
-    base, freqs, attention, context = rotation(model)
+    base, freqs, attention, context = rope
     writer.add_context_length(context)
     writer.add_rope_freq_base(base)
     writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
@@ -118,14 +119,14 @@ def write_gguf(model: nn.Module, path: str | Path, *, source: str | Path | None 
     ``tokenizer`` (``tokenizer.json``) or of the GGUF file ``tokenizer_gguf``.
     """
     path = Path(path)
-    rotation(model)  # refuse before writing anything
+    rope = rotation(model)  # refuses before anything is written
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:
         if source is not None:
-            _rewrite(model, Path(source), partial)
+            _rewrite(model, rope, Path(source), partial)
         else:
-            _from_model(model, partial, tokenizer, tokenizer_gguf, dtype)
+            _from_model(model, rope, partial, tokenizer, tokenizer_gguf, dtype)
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
@@ -135,10 +136,6 @@ def write_gguf(model: nn.Module, path: str | Path, *, source: str | Path | None 
 # ------------------------------------------------------------------------------------- from a GGUF file
 
 
-def _field_value(field):
-    return field.contents()
-
-
 def _copy_fields(reader, writer, skip) -> None:
     gguf = _gguf()
     for name, field in reader.fields.items():
@@ -146,10 +143,10 @@ def _copy_fields(reader, writer, skip) -> None:
             continue
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, _field_value(field), kind, sub_type=sub)
+        writer.add_key_value(name, field.contents(), kind, sub_type=sub)
 
 
-def _rewrite(model: nn.Module, source: Path, out: Path) -> None:
+def _rewrite(model: nn.Module, rope: tuple, source: Path, out: Path) -> None:
     gguf = _gguf()
     reader = gguf.GGUFReader(str(source))
     arch = reader.fields["general.architecture"].contents()
@@ -159,7 +156,7 @@ def _rewrite(model: nn.Module, source: Path, out: Path) -> None:
     writer = gguf.GGUFWriter(str(out), arch=arch)
     rope_keys = (f"{arch}.context_length", f"{arch}.rope.freq_base", RECORD_KEY)
     _copy_fields(reader, writer, lambda n: n in rope_keys or any(n.startswith(f"{arch}.{p}") for p in _ROPE_SCALING))
-    freqs = _rope_fields(writer, arch, model)
+    freqs = _rope_fields(writer, arch, model, rope)
     tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
     for tensor in tensors:
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
@@ -234,7 +231,7 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _from_model(model: nn.Module, out: Path, tokenizer, tokenizer_gguf, dtype: str) -> None:
+def _from_model(model: nn.Module, rope: tuple, out: Path, tokenizer, tokenizer_gguf, dtype: str) -> None:
     from ..patching import base_model
 
     gguf = _gguf()
@@ -253,7 +250,7 @@ def _from_model(model: nn.Module, out: Path, tokenizer, tokenizer_gguf, dtype: s
     writer.add_rope_dimension_count(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
     writer.add_vocab_size(text.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-    freqs = _rope_fields(writer, arch, model)
+    freqs = _rope_fields(writer, arch, model, rope)
     _tokenizer_fields(writer, tokenizer, tokenizer_gguf)
     for name, tensor in _tensors(model).items():
         array = tensor.detach().float().cpu().numpy()
