@@ -107,6 +107,24 @@ def load_tokenizer(args, model):
     return tokenizer
 
 
+KERNELS = {"attention": {"backend": "auto"}}  # --kernels: the kernels' geometry, no other change
+
+
+def _with_kernels(name: str, model):
+    """``model`` (method ``name``, as patched) with its attention through hf_longctx's kernels: native
+    sliding windows in O(N·W) rather than under a dense mask. Methods with an attention function of their own
+    (``extend`` runs native windows through the kernels itself, ``attention``) are left as they are."""
+    from . import applied_sections, patch
+    from .config_base import SpecError
+
+    if {"extend", "attention"} & set(applied_sections(model)):
+        return model
+    try:
+        return patch(model, KERNELS)
+    except SpecError as e:
+        raise CliError(f"--kernels with {name}: {e}") from e
+
+
 def cmd_presets(args) -> None:
     from . import list_presets
 
@@ -290,6 +308,8 @@ def cmd_eval(args) -> None:
             logger.info("%s: every cell is in %s", name, store.path)
         else:
             evaluated = model if spec is None else patch(model, spec)
+            if args.kernels:
+                evaluated = _with_kernels(name, evaluated)
             if "perplexity" in tasks and perplexity_key(name) not in store:
                 points = perplexity_vs_length(
                     evaluated, tokens, lengths, num_windows=args.windows, token_bytes=token_bytes, desc=f"{name} perplexity"
@@ -323,7 +343,7 @@ def cmd_eval(args) -> None:
                                                tokenizer_path=str(tokenizer_dir))  # fmt: skip
                         store.put(harness_key(name, task, length), {"method": name, "task": task, "length": length,
                                                                     "limit": args.limit, **score})  # fmt: skip
-            if spec is not None:
+            if spec is not None or args.kernels:
                 # unpatch would also undo the patches the checkpoint was saved with: reload those instead.
                 model = load_model(args) if loaded_patches else unpatch(evaluated)
         if "perplexity" in tasks:
@@ -505,6 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--threshold", type=float, default=85.6, help="needle score (%%) the effective length keeps (default: %(default)s)"
     )
+    evaluate.add_argument(
+        "--kernels", action="store_true",
+        help="attention through hf_longctx's kernels (the 'attention: {backend: auto}' patch on the model and on "
+        "presets without an attention function of their own): native sliding windows, such as Gemma 3's local "
+        "layers, cost O(N*W) instead of a dense N x N mask; the same scores to float rounding",
+    )  # fmt: skip
     evaluate.add_argument(
         "--beyond-reach", action="store_true",
         help="measure a method at lengths past its reach (where it shows positions it was not trained on)",

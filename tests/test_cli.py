@@ -176,6 +176,32 @@ def test_eval_keeps_the_patches_a_checkpoint_was_saved_with(capsys, tmp_path, as
     assert [r["nll"] for r in both[:2]] != [r["nll"] for r in alone]
 
 
+def test_eval_kernels_run_native_windows_through_the_kernels_with_the_same_scores(capsys, tmp_path, ascii_text,
+                                                                                 monkeypatch):
+    # Gemma 3 (local layers with a native window of 16): --kernels sends every method's attention through the
+    # kernels (self-extend through its own function) and leaves every score where the dense masks put it.
+    from hf_longctx.attention import backend
+
+    path = tmp_path / "gemma3"
+    tiny_model("gemma3_text", seed=0, sliding_window=16, num_hidden_layers=2,
+               layer_types=["sliding_attention", "full_attention"]).save_pretrained(path)
+    small = tmp_path / "self-extend.yaml"
+    small.write_text("extend:\n  method: self_extend\n  group_size: 4\n  window: 24\n")
+    common = ["--preset", f"none,yarn-2x,{small}", "--lengths", "96", "--data", ascii_text, "--windows", "2",
+              "--beyond-reach"]
+    assert run(capsys, "eval", path, *common, "--out", tmp_path / "dense")[0] == 0
+    windows = []
+    kernel = backend.kernel_path
+    monkeypatch.setattr(backend, "kernel_path", lambda *a, **k: windows.append(k["window"]) or kernel(*a, **k))
+    assert run(capsys, "eval", path, *common, "--kernels", "--out", tmp_path / "kernels")[0] == 0
+    dense = json.loads((tmp_path / "dense" / "results.json").read_text())["perplexity"]
+    kernels = json.loads((tmp_path / "kernels" / "results.json").read_text())["perplexity"]
+    assert [r["method"] for r in kernels] == [r["method"] for r in dense] == ["none", "yarn-2x", str(small)]
+    assert [r["nll"] for r in kernels] == pytest.approx([r["nll"] for r in dense], rel=1e-5)
+    assert len(set(r["nll"] for r in dense)) == 3  # three different methods, not one model three times
+    assert 16 in windows and None in windows  # the local layers with their window, the global ones without
+
+
 def test_eval_needle_writes_heatmaps_effective_lengths_and_resumes(capsys, tmp_path, model_dir):
     argv = ["eval", model_dir, "--preset", "yarn-4x", "--tasks", "needle", "--lengths", "300,400", "--depths", "0,1",
             "--needles", "2", "--out", tmp_path, "--beyond-reach"]  # fmt: skip

@@ -301,6 +301,45 @@ def test_gemma3_remaps_global_layers_only(forms):
         assert not close(model(ids).logits, plain, 1e-3)
 
 
+def test_gemma3_local_layers_run_the_windowed_kernel(monkeypatch):
+    """Gemma 3's local layers under 'extend': a prefill over tokens 0..M-1 goes through the kernels' O(N·W) path
+    with the native window (no [N, M] mask); a decode step over a sliding cache layer and a left-padded batch
+    keep transformers' mask.
+    Each equals the unpatched model (its own sdpa and window mask) on those layers' output."""
+    from hf_longctx.extend import patch as extend_patch
+
+    calls = []
+    kernel = extend_patch.kernel_path
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["window"])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(extend_patch, "kernel_path", spy)
+    model = tiny_model("gemma3_text", sliding_window=8, num_hidden_layers=2,
+                       layer_types=["sliding_attention", "full_attention"])
+    ids = tokens(2, T)
+    with torch.no_grad():
+        plain = model(ids).logits
+        plain_next = model(torch.cat([ids, ids[:, :1]], dim=1)).logits[:, -1]
+        hf_longctx.patch(model, {"extend": {**SELF_EXTEND, "window": T + 1}})  # global layers exact as well
+        calls.clear()  # the patch's own probe ran the model
+        assert close(model(ids).logits, plain)
+        assert calls == [8]  # the one local layer, with its native window
+        cache = DynamicCache(config=model.config)
+        model(ids, past_key_values=cache)
+        step = model(ids[:, :1], past_key_values=cache).logits[:, -1]
+        assert close(step, plain_next)
+        assert calls == [8, 8]  # the prefill into the cache: the kernel; the decode step over the sliding
+        # cache layer's last keys (they no longer start at token 0): transformers' mask
+        calls.clear()
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        padded = model(ids, attention_mask=mask).logits
+        assert calls == []  # padding: transformers' mask, not the kernel
+        assert close(padded[0], plain[0])
+
+
 @pytest.mark.parametrize("other, words", [
     ({"alibi": {}}, "ALiBi"),
     ({"streaming": {}}, "streaming"),

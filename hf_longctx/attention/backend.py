@@ -46,8 +46,8 @@ from ..families import get_family
 from ..patching import Applied, Technique, Wrap, register_technique
 from ..positions import module_alibi_slopes
 from .config import AttentionSpec
-from .functions import (causal_mask, cu_seqlens_of, dense_attention, flex_path, kernel_path, packed_documents,
-                        window_sink_mask)
+from .functions import (KernelGeometry, causal_mask, cu_seqlens_of, dense_attention, flex_path, kernel_path,
+                        packed_documents, structured_geometry, window_sink_mask)
 
 logger = logging.getLogger(__name__)
 
@@ -57,23 +57,6 @@ SINKS_PARAM = "sinks"
 SINK_INIT = -25.0
 _TAGS = {"auto": "auto", "triton": "triton", "flex": "blockmask", "sdpa": "dense", "eager": "dense_eager"}
 _DENSE_BACKENDS = ("sdpa", "eager")
-
-
-def _structured_geometry(q_length, kv_length, q_offset, kv_offset, attention_mask) -> bool:
-    """True when keys are exactly the tokens 0..M-1, queries are the last N and nothing is padded."""
-    if not (isinstance(q_offset, int) and isinstance(kv_offset, int)):
-        return False  # a static cache: offsets are tensors and the key buffer holds unfilled slots
-    if kv_offset != 0 or q_offset + q_length != kv_length:
-        return False
-    return attention_mask is None or bool(attention_mask[:, -kv_length:].all())
-
-
-class KernelGeometry:
-    """What the mask function returns instead of a mask when the kernels' own geometry is exact: the
-    native window of the layers the mask is for (transformers' ``local_size``; None: full attention)."""
-
-    def __init__(self, local_size: int | None):
-        self.local_size = local_size
 
 
 def layer_window(native: int | None, window: int | None, sink_tokens: int) -> tuple[int | None, int]:
@@ -127,7 +110,7 @@ def attention_implementation(backend: str, sliding_window: int | None, sink_toke
         its sliding-window masks, whose ``mask_function`` already holds that window).
         """
         window, sinks = layer_window(local_size, sliding_window, sink_tokens)
-        if backend not in _DENSE_BACKENDS and _structured_geometry(q_length, kv_length, q_offset, kv_offset,
+        if backend not in _DENSE_BACKENDS and structured_geometry(q_length, kv_length, q_offset, kv_offset,
                                                                   attention_mask):
             return KernelGeometry(local_size)
         mask = partial(sdpa_mask, batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,

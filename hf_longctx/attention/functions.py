@@ -28,6 +28,23 @@ from transformers.masking_utils import find_packed_sequence_indices
 from ..positions.alibi import _repeat_kv, alibi_bias
 
 
+def structured_geometry(q_length, kv_length, q_offset, kv_offset, attention_mask) -> bool:
+    """True when keys are exactly the tokens 0..M-1, queries are the last N and nothing is padded."""
+    if not (isinstance(q_offset, int) and isinstance(kv_offset, int)):
+        return False  # a static cache: offsets are tensors and the key buffer holds unfilled slots
+    if kv_offset != 0 or q_offset + q_length != kv_length:
+        return False
+    return attention_mask is None or bool(attention_mask[:, -kv_length:].all())
+
+
+class KernelGeometry:
+    """What the mask function returns instead of a mask when the kernels' own geometry is exact: the
+    native window of the layers the mask is for (transformers' ``local_size``; None: full attention)."""
+
+    def __init__(self, local_size: int | None):
+        self.local_size = local_size
+
+
 def window_sink_mask(base: torch.Tensor, window: int | None, sink_tokens: int) -> torch.Tensor:
     """Restrict a boolean mask ``[..., N, M]`` (True = visible) to the window and the sinks.
 

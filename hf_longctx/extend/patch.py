@@ -8,7 +8,10 @@ and switches the model to it with ``set_attn_implementation``; ``unpatch`` switc
   holding which keys are padding; the attention function takes the queries' positions from
   ``position_ids`` and computes :func:`~hf_longctx.extend.attention.remapped_attention`.
 - Layers with a native sliding window (Gemma 3's local layers, Qwen's window layers) see only
-  positions within their window: they keep transformers' own mask and plain attention.
+  positions within their window: they keep plain attention over their window, through the kernels
+  (:func:`~hf_longctx.attention.functions.kernel_path`: O(N·W) on the CPU, Triton on CUDA) when the
+  keys are exactly the tokens 0..M-1 (prefill, decode with a dynamic cache, no padding), else
+  through transformers' own mask.
 
 The rotary frequencies are read, at each call, from the rotary embedding the layer's positions
 come from (the decoder's, or Gemma 3's per-layer-type buffers), so a ``rope`` section applied
@@ -32,7 +35,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 
-from ..attention.functions import dense_attention
+from ..attention.functions import KernelGeometry, dense_attention, kernel_path, packed_documents, structured_geometry
 from ..config_base import SpecError
 from ..families import get_family, text_config
 from ..patching import Applied, Technique, register_technique
@@ -72,8 +75,11 @@ def extend_implementation(method: str, params: tuple) -> str:
     def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
                       mask_function=causal_mask_function, attention_mask=None, local_size=None, device="cpu",
                       use_vmap=False, **kwargs):
-        """AttentionMaskInterface: an ExtendGeometry (full-attention layers) or transformers' bool mask (local ones)."""
+        """AttentionMaskInterface: an ExtendGeometry (full-attention layers); for local ones a KernelGeometry
+        when the kernels' geometry is exact, else transformers' bool mask."""
         if local_size is not None:
+            if structured_geometry(q_length, kv_length, q_offset, kv_offset, attention_mask):
+                return KernelGeometry(local_size)
             return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                              kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                              allow_is_causal_skip=False, use_vmap=use_vmap, device=device)
@@ -91,6 +97,13 @@ def extend_implementation(method: str, params: tuple) -> str:
         if dropout and module.training:
             raise ValueError("'extend' computes attention without dropout; set the model to eval() or "
                              "attention_dropout to 0")
+        if isinstance(attention_mask, KernelGeometry):  # a native window over tokens 0..M-1: the kernels
+            if position_ids is not None and packed_documents(position_ids, query.shape[0], query.shape[2],
+                                                             key.shape[2]) is not None:
+                raise ValueError("'extend' needs consecutive positions in each row (left padding is fine); packed "
+                                 "documents or gaps in position_ids are not supported")
+            return kernel_path(query, key, value, scaling=scaling, window=attention_mask.local_size, sink_tokens=0,
+                               alibi_slopes=None, sink_logits=None, cu_seqlens=None, backend="auto"), None
         if not isinstance(attention_mask, ExtendGeometry):  # a layer with a native window: positions stay within it
             return dense_attention(query, key, value, attention_mask, scaling=scaling, dropout=0.0, alibi_slopes=None,
                                    sink_logits=None, use_sdpa=True)
