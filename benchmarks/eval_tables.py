@@ -1,11 +1,13 @@
 """Markdown tables of the finished cells of `hf-longctx eval` runs (their --out/cells.json), whatever has finished.
 
-    python benchmarks/eval_tables.py benchmarks/smollm2-eval
+    python benchmarks/eval_tables.py benchmarks/smollm2-eval [--plots --trained 8192]
 
-reads FOLDER/needle/cells.json, FOLDER/perplexity/cells.json and FOLDER/ruler/cells.json (those present)
-and prints: the needle score per method and length (mean over depths, with the per-depth scores), the
-effective length at 85.6, the perplexity at the given lengths, and the lm-eval scores per task.
-A cell not yet measured is shown as "-".
+reads FOLDER/needle/cells.json, FOLDER/perplexity/cells.json, FOLDER/ruler/cells.json and
+FOLDER/passkey/results.json (those present) and prints: the needle score per method and length (mean over
+the depths measured, with the per-depth scores), the effective length at 85.6, the perplexity at the given
+lengths, the lm-eval scores per task and the passkey trials. A cell not yet measured is shown as "-".
+With --plots it also draws FOLDER/needle/needle-METHOD.png from every finished cell (blank: not measured),
+the dotted line after the --trained length.
 """
 
 from __future__ import annotations
@@ -45,16 +47,18 @@ def needle_tables(rows: list[dict]) -> str:
                 continue
             per_depth = "/".join(f"{here[d]:.0f}" if d in here else "-" for d in depths)
             cells.append(f"{means[n]:.0f} ({per_depth})")
-        # the effective length counts only when every shorter length of the grid was measured
-        measured = [n for n in lengths if n in means]
-        complete = measured == lengths[: len(measured)]
-        effective = effective_length(mine, DEFAULT_THRESHOLD) if complete else None
+        # the effective length counts a length only with every depth of the grid measured there, and only
+        # when every shorter length of the grid is complete too
+        measured = [n for n in lengths if {r["depth"] for r in mine if r["length"] == n} == set(depths)]
+        complete = measured == lengths[: len(measured)] and measured
+        effective = effective_length([r for r in mine if r["length"] in measured], DEFAULT_THRESHOLD) if complete else None
         shown = "-" if effective is None else format_length(effective)
         if effective is not None and effective == max(measured):
-            shown = f">= {shown} (longest measured)"
+            shown = f">= {shown} (longest with every depth)"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {shown} |")
     depth_text = "/".join(f"{d:.0%}" for d in depths)
-    return f"Needle score, % found: mean over depths ({depth_text} in parentheses)\n\n" + "\n".join(lines)
+    return (f"Needle score, % found: mean over the depths measured ({depth_text} in parentheses, - = not measured; "
+            "the effective length counts only lengths with every depth measured)\n\n" + "\n".join(lines))
 
 
 def perplexity_table(groups: list[list[dict]]) -> str:
@@ -90,18 +94,56 @@ def harness_table(rows: list[dict]) -> str:
     return f"lm-eval scores (0-1), --limit {', '.join(limits)} sample(s) per task and length\n\n" + "\n".join(lines)
 
 
-def main(folder: str) -> None:
-    root = Path(folder)
+def passkey_table(rows: list[dict]) -> str:
+    lines = ["| method | length | depth | retrieved | first number of the continuation |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (_order([x["method"] for x in rows]).index(r["method"]), r["length"], r["depth"])):
+        answers = ", ".join(f"`{a}`" if a else "(none)" for a in r.get("answers") or [])
+        lines.append(f"| {r['method']} | {format_length(r['length'])} | {r['depth']:.0%} | "
+                     f"{round(r['accuracy'] * r['trials'])}/{r['trials']} | {answers} |")  # fmt: skip
+    return "Passkey (5-digit key in repeated filler, greedy continuation)\n\n" + "\n".join(lines)
+
+
+def needle_plots(rows: list[dict], folder: Path, trained: int | None) -> list[Path]:
+    from hf_longctx.evaluation.report import plot_needle
+
+    written = []
+    lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
+    for m in _order(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == m]
+        grid = {(r["length"], r["depth"]) for r in mine}
+        complete = [r for r in mine if all((r["length"], d) in grid for d in depths)]
+        full = [n for n in lengths if all((n, d) in grid for d in depths)]
+        effective = effective_length(complete, DEFAULT_THRESHOLD) if full == lengths[: len(full)] and full else None
+        title = (f"{m}: effective length ({DEFAULT_THRESHOLD:g}%, lengths with every depth): "
+                 f"{'-' if effective is None else format_length(effective)}")  # fmt: skip
+        written.append(plot_needle(mine, folder / f"needle-{m}.png", trained_length=trained, title=title))
+    return written
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", nargs="?", default="benchmarks/smollm2-eval")
+    parser.add_argument("--plots", action="store_true", help="draw the needle heatmaps from the cells")
+    parser.add_argument("--trained", type=int, help="the model's trained length (dotted line on the heatmaps)")
+    args = parser.parse_args(argv)
+    root = Path(args.folder)
     needle = _cells(root / "needle" / "cells.json")
     if needle:
         print(needle_tables(needle) + "\n")
+        if args.plots:
+            print("Wrote " + ", ".join(map(str, needle_plots(needle, root / "needle", args.trained))) + "\n")
     perplexity = _cells(root / "perplexity" / "cells.json")
     if perplexity:
         print(perplexity_table(perplexity) + "\n")
     harness = _cells(root / "ruler" / "cells.json")
     if harness:
         print(harness_table(harness) + "\n")
+    passkey = root / "passkey" / "results.json"
+    if passkey.is_file():
+        print(passkey_table(json.loads(passkey.read_text()).get("passkey", [])) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/smollm2-eval")
+    main(sys.argv[1:])
