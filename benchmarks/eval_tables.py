@@ -7,7 +7,7 @@ FOLDER/passkey/results.json (those present) and prints: the needle score per met
 the depths measured, with the per-depth scores), the effective length at 85.6, the perplexity at the given
 lengths, the lm-eval scores per task and the passkey trials. A cell not yet measured is shown as "-".
 With --plots it also draws FOLDER/needle/needle-METHOD.png from every finished cell (blank: not measured),
-the dotted line after the --trained length.
+the dotted line after the --trained length, and needle-all.png with every method side by side.
 """
 
 from __future__ import annotations
@@ -120,6 +120,40 @@ def needle_plots(rows: list[dict], folder: Path, trained: int | None) -> list[Pa
     return written
 
 
+def needle_panel(rows: list[dict], path: Path, trained: int | None, title: str) -> Path:
+    """Every method's heatmap side by side on one figure (same lengths and depths), for a README."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    methods = _order(r["method"] for r in rows)
+    lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
+    fig, axes = plt.subplots(1, len(methods), figsize=(1.0 * len(lengths) * len(methods) + 1.5, 0.45 * len(depths) + 1.6),
+                             sharey=True, squeeze=False)  # fmt: skip
+    for ax, m in zip(axes[0], methods):
+        cells = {(r["depth"], r["length"]): r["score"] for r in rows if r["method"] == m}
+        grid = [[cells.get((d, n), float("nan")) for n in lengths] for d in depths]
+        image = ax.imshow(grid, vmin=0.0, vmax=100.0, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value == value:  # not NaN
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths], fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        if trained is not None:
+            inside = [j for j, n in enumerate(lengths) if n <= trained]
+            if inside and inside[-1] < len(lengths) - 1:
+                ax.axvline(inside[-1] + 0.5, color="black", linestyle=":", linewidth=1.5)
+        ax.set_title(m, fontsize=9)
+    axes[0][0].set_ylabel("needle depth")
+    fig.suptitle(title, fontsize=10, y=1.06)
+    fig.colorbar(image, ax=axes[0].tolist(), label="% found", fraction=0.02)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str]) -> None:
     import argparse
 
@@ -127,13 +161,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("folder", nargs="?", default="benchmarks/smollm2-eval")
     parser.add_argument("--plots", action="store_true", help="draw the needle heatmaps from the cells")
     parser.add_argument("--trained", type=int, help="the model's trained length (dotted line on the heatmaps)")
+    parser.add_argument("--title", default="needle in a haystack", help="title of the side-by-side figure")
     args = parser.parse_args(argv)
     root = Path(args.folder)
     needle = _cells(root / "needle" / "cells.json")
     if needle:
         print(needle_tables(needle) + "\n")
         if args.plots:
-            print("Wrote " + ", ".join(map(str, needle_plots(needle, root / "needle", args.trained))) + "\n")
+            written = needle_plots(needle, root / "needle", args.trained)
+            written.append(needle_panel(needle, root / "needle" / "needle-all.png", args.trained, args.title))
+            print("Wrote " + ", ".join(map(str, written)) + "\n")
     perplexity = _cells(root / "perplexity" / "cells.json")
     if perplexity:
         print(perplexity_table(perplexity) + "\n")
