@@ -44,10 +44,9 @@ What each task measures:
               4k, 8k, ..., 128k. Tasks that download data are refused.
 
 Time: a needle prompt, a RULER sample or a perplexity window is one forward pass of L tokens.
-SmolLM2-135M, float32, 2 CPU cores shared with other jobs (load ~9): 4k, 1.2-1.9 min (none, yarn,
-dynamic), 2.3 min (self-extend), 3.6 min (dual chunk); 8k, 2.6-2.8 min (none, yarn, dynamic,
-self-extend), 3.4 min (dual chunk). Longer L costs more than proportionally (attention): one 32k
-self-extend passkey prompt took 11 min here in an earlier measurement.
+SmolLM2-135M, float32, 2 CPU cores (AMD EPYC, AVX2): 8k, 1.0-1.7 min per prompt; 32k, 6.5 min
+(none) and 6.8 min (self-extend); a RULER sample at 4k, 2-3.5 min (it generates up to 128 tokens).
+Attention makes longer L cost more than proportionally. Gemma 3's local layers: pass --kernels.
 
 Reading the heatmap (needle-METHOD.png): columns are lengths, rows depths (0% = needle at the
 start of the text, 100% = right before the question); green = every needle found, red = none.
