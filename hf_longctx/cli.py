@@ -32,7 +32,7 @@ command run again skips them (an interrupted run resumes where it stopped).
 What each task measures:
   perplexity  the same final tokens scored after L tokens of context (default text: held-out
               standard library source). Rises with L where the model reads far positions badly.
-  passkey     a 5-digit key hidden in repeated filler, one trial per depth: first number of a
+  passkey     a 5-digit key hidden in repeated filler, --trials keys per depth: first number of a
               greedy continuation == key.
   needle      a heatmap: length x depth, --needles needles per cell ("the special magic number for
               WORD is NNNNNNN" in English prose), exact match of the 7-digit value, no judge model.
@@ -218,6 +218,7 @@ def cmd_eval(args) -> None:
     from . import applied_sections, load_spec, patch, unpatch
     from .demo import ByteTokenizer
     from .evaluation import (
+        PasskeyPoint,
         markdown_table,
         min_passkey_length,
         passkey_accuracy,
@@ -292,12 +293,16 @@ def cmd_eval(args) -> None:
     def needle_key(name, length, depth):
         return store.key("needle", source, name, length, depth, args.needles, args.seed)
 
+    def passkey_key(name, length, depth):
+        return store.key("passkey", source, name, length, depth, args.trials)
+
     def harness_key(name, task, length):
         return store.key("harness", source, name, task, length, args.limit)
 
     def pending(name):
         return (("perplexity" in tasks and perplexity_key(name) not in store)
-                or {"passkey", "streaming"} & set(tasks)
+                or "streaming" in tasks
+                or any(passkey_key(name, n, d) not in store for n in passkey_lengths for d in depths if "passkey" in tasks)
                 or any(needle_key(name, n, d) not in store for n in needle_lengths for d in depths if "needle" in tasks)
                 or any(harness_key(name, t, n) not in store for t in harness_tasks for n in lengths))  # fmt: skip
 
@@ -315,8 +320,15 @@ def cmd_eval(args) -> None:
                 )
                 store.put(perplexity_key(name), [{"method": name, **p.to_dict()} for p in points])
             if "passkey" in tasks:
-                points = passkey_accuracy(evaluated, tokenizer, passkey_lengths, trials=args.trials, desc=f"{name} passkey")
-                results["passkey"] += [{"method": name, **p.to_dict()} for p in points]
+                def point_done(length, depth, name=name):
+                    row = store.get(passkey_key(name, length, depth))
+                    return None if row is None else PasskeyPoint(**{k: v for k, v in row.items() if k != "method"})
+
+                def on_point(point, name=name):
+                    store.put(passkey_key(name, point.length, point.depth), {"method": name, **point.to_dict()})
+
+                passkey_accuracy(evaluated, tokenizer, passkey_lengths, depths, trials=args.trials, done=point_done,
+                                 on_point=on_point, desc=f"{name} passkey")  # fmt: skip
             if "streaming" in tasks:
                 results["streaming"] += _streaming_rows(name, evaluated, tokens, lengths)
             if "needle" in tasks:
@@ -347,6 +359,8 @@ def cmd_eval(args) -> None:
                 model = load_model(args) if loaded_patches else unpatch(evaluated)
         if "perplexity" in tasks:
             results["perplexity"] += store.get(perplexity_key(name))
+        if "passkey" in tasks:
+            results["passkey"] += [store.get(passkey_key(name, n, d)) for n in passkey_lengths for d in depths]
         if "needle" in tasks:
             results["needle"] += [store.get(needle_key(name, n, d)) for n in needle_lengths for d in depths]
         if harness_tasks:
@@ -518,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="hf_longctx_eval", help="folder for results.json and plots (default: %(default)s)")
     evaluate.add_argument("--windows", type=int, default=32, help="perplexity windows per length (default: %(default)s)")
     evaluate.add_argument("--trials", type=int, default=5, help="passkey trials per length and depth (default: %(default)s)")
-    evaluate.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, 0 = start (default: %(default)s)")
+    evaluate.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle and passkey depths, 0 = start (default: %(default)s)")
     evaluate.add_argument("--needles", type=int, default=3, help="needles per length and depth (default: %(default)s)")
     evaluate.add_argument("--seed", type=int, default=0, help="needle words and values (default: %(default)s)")
     evaluate.add_argument(

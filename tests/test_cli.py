@@ -249,3 +249,31 @@ def test_eval_needle_bad_input_gives_one_clear_line(capsys, tmp_path, model_dir,
     errors = [line for line in err.splitlines() if line.startswith("hf-longctx: error: ")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "cells.json").exists()  # refused before any cell ran
+
+
+def test_eval_passkey_takes_its_depths_and_resumes_point_by_point(capsys, tmp_path, model_dir, monkeypatch):
+    from hf_longctx.evaluation import passkey
+
+    argv = ["eval", model_dir, "--preset", "none,yarn-4x", "--tasks", "passkey", "--lengths", "256,300", "--depths",
+            "0,1", "--trials", "2", "--out", tmp_path, "--beyond-reach"]  # fmt: skip
+    assert run(capsys, *argv)[0] == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["passkey"]
+    assert [(r["method"], r["length"], r["depth"], r["trials"]) for r in rows] == [
+        (m, n, d, 2) for m in ("none", "yarn-4x") for n in (256, 300) for d in (0.0, 1.0)]
+    cells = json.loads((tmp_path / "cells.json").read_text())
+    assert len([k for k in cells if k.startswith("passkey|")]) == 8  # one cell per point, written as it finished
+    # Rerun with one point removed and another edited: only the removed one runs again (its 2 trials).
+    removed = next(k for k in cells if "|none|300|1.0|" in k)
+    edited = next(k for k in cells if "|yarn-4x|256|0.0|" in k)
+    del cells[removed]
+    cells[edited]["accuracy"] = 0.25
+    (tmp_path / "cells.json").write_text(json.dumps(cells))
+    prompts = []
+    continuation = passkey.greedy_continuation
+    monkeypatch.setattr(passkey, "greedy_continuation", lambda m, ids, **k: prompts.append(ids.shape[1]) or
+                        continuation(m, ids, **k))  # fmt: skip
+    assert run(capsys, *argv)[0] == 0
+    assert len(prompts) == 2
+    again = json.loads((tmp_path / "results.json").read_text())["passkey"]
+    assert [r["accuracy"] for r in again] == [0.25 if (r["method"], r["length"], r["depth"]) == ("yarn-4x", 256, 0.0)
+                                              else r["accuracy"] for r in rows]  # fmt: skip

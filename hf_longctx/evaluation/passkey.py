@@ -28,7 +28,7 @@ import logging
 import random
 import re
 from dataclasses import asdict, dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -176,15 +176,20 @@ def passkey_accuracy(
     trials: int = 5,
     seed: int = 0,
     share_prefix: bool | None = False,
+    done: Callable[[int, float], PasskeyPoint | None] | None = None,
+    on_point: Callable[[PasskeyPoint], None] | None = None,
     desc: str = "passkey",
 ) -> list[PasskeyPoint]:
-    """Retrieval accuracy at every (length, depth), over ``trials`` random 5-digit keys each.
+    """Retrieval accuracy at every (length, depth), over ``trials`` random 5-digit keys each; lengths
+    outer, depths inner, in the order given.
 
     The keys are :func:`passkey_keys`, so every model sees the same trials. ``length`` counts the
     prompt and the answer (the model reads ``length - answer tokens`` and continues greedily for
     :data:`NEW_TOKENS` tokens). Raises ``ValueError`` for a length below :func:`min_passkey_length`.
     ``share_prefix``: reuse the KV cache of the common prefix across depths (see the module);
     ``None``: share when :func:`prefix_sharing_check` allows it; ``True``: raise when it does not.
+    ``done(length, depth)`` returns a point computed before (not run again: resuming an interrupted
+    run); ``on_point`` receives every new point as soon as its last trial is scored (to save it).
     """
     if share_prefix is not False:
         try:
@@ -196,14 +201,25 @@ def passkey_accuracy(
             share_prefix = False
     keys = passkey_keys(trials, seed)
     device = next(model.parameters()).device
-    order = sorted(depths, reverse=True) if share_prefix else list(depths)  # deepest first: the longest prefixes
+    points: dict[tuple[int, float], PasskeyPoint] = {}
+    for length in lengths:
+        for depth in depths:
+            previous_point = done(int(length), float(depth)) if done is not None else None
+            if previous_point is not None:
+                points[(int(length), float(depth))] = previous_point
+    todo = [float(d) for d in depths]
+    # deepest first: the longest prefixes
+    order = sorted(todo, reverse=True) if share_prefix else todo
     runs: dict[tuple[int, float], list[tuple[list[int], list[int]]]] = {}  # (length, depth): (continuation, answer)
-    with tqdm(total=len(lengths) * len(depths) * trials, desc=desc, unit="trial", leave=False) as bar:
+    with tqdm(total=(len(lengths) * len(depths) - len(points)) * trials, desc=desc, unit="trial", leave=False) as bar:
         for length in lengths:
-            for key in keys:
+            length = int(length)
+            for number, key in enumerate(keys):
                 cache, previous = (DynamicCache() if share_prefix else None), []
                 for depth in order:
-                    ids, answer_tokens = passkey_prompt(tokenizer, int(length), float(depth), key)
+                    if (length, depth) in points:
+                        continue
+                    ids, answer_tokens = passkey_prompt(tokenizer, length, depth, key)
                     prompt, answer = ids[:-answer_tokens], ids[-answer_tokens:]
                     if cache is not None:  # keep what the previous prompt shares with this one; one token at least is new
                         keep = min(_common_prefix(previous, prompt), len(prompt) - 1)
@@ -212,16 +228,23 @@ def passkey_accuracy(
                             cache.crop(-drop)  # a negative count removes that many tokens (every transformers 5)
                         previous = prompt
                     continuation = greedy_continuation(model, torch.tensor([prompt], device=device), cache=cache)
-                    runs.setdefault((int(length), float(depth)), []).append((continuation, answer))
+                    runs.setdefault((length, depth), []).append((continuation, answer))
                     bar.update(1)
-    points = []
-    for length in lengths:
-        for depth in depths:
-            done = runs[(int(length), float(depth))]
-            answers = [first_number(tokenizer.decode(continuation)) for continuation, _ in done]
-            hits = sum(answer == key for answer, key in zip(answers, keys))
-            exact = sum(continuation[: len(answer)] == answer for continuation, answer in done)
-            points.append(PasskeyPoint(length=int(length), depth=float(depth), accuracy=hits / trials, trials=trials,
-                                       exact=exact / trials, answers=answers))
-            logger.info("%s: length %d depth %.2f accuracy %.2f (answers %s)", desc, length, depth, hits / trials, answers)
-    return points
+                    if number == len(keys) - 1:  # this point's last trial
+                        point = _passkey_point(tokenizer, length, depth, keys, runs.pop((length, depth)))
+                        logger.info("%s: length %d depth %.2f accuracy %.2f (answers %s)", desc, length, depth,
+                                    point.accuracy, point.answers)  # fmt: skip
+                        points[(length, depth)] = point
+                        if on_point is not None:
+                            on_point(point)
+    return [points[(int(n), float(d))] for n in lengths for d in depths]
+
+
+def _passkey_point(tokenizer: Tokenizer, length: int, depth: float, keys: list[str], done) -> PasskeyPoint:
+    """The point of ``done``: (continuation, answer tokens) of each trial, in the order of ``keys``."""
+    answers = [first_number(tokenizer.decode(continuation)) for continuation, _ in done]
+    hits = sum(answer == key for answer, key in zip(answers, keys))
+    exact = sum(continuation[: len(answer)] == answer for continuation, answer in done)
+    trials = len(keys)
+    return PasskeyPoint(length=length, depth=depth, accuracy=hits / trials, trials=trials, exact=exact / trials,
+                        answers=answers)
