@@ -12,6 +12,7 @@ stderr, ``hf-longctx: error: ...``, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 import sys
@@ -320,27 +321,15 @@ def cmd_eval(args) -> None:
                 )
                 store.put(perplexity_key(name), [{"method": name, **p.to_dict()} for p in points])
             if "passkey" in tasks:
-                def point_done(length, depth, name=name):
-                    row = store.get(passkey_key(name, length, depth))
-                    return None if row is None else PasskeyPoint(**{k: v for k, v in row.items() if k != "method"})
-
-                def on_point(point, name=name):
-                    store.put(passkey_key(name, point.length, point.depth), {"method": name, **point.to_dict()})
-
-                passkey_accuracy(evaluated, tokenizer, passkey_lengths, depths, trials=args.trials, done=point_done,
+                done, on_point = store.grid(name, functools.partial(passkey_key, name), PasskeyPoint)
+                passkey_accuracy(evaluated, tokenizer, passkey_lengths, depths, trials=args.trials, done=done,
                                  on_point=on_point, desc=f"{name} passkey")  # fmt: skip
             if "streaming" in tasks:
                 results["streaming"] += _streaming_rows(name, evaluated, tokens, lengths)
             if "needle" in tasks:
                 from .evaluation.needle import NeedleCell, needle_grid
 
-                def done(length, depth, name=name):
-                    row = store.get(needle_key(name, length, depth))
-                    return None if row is None else NeedleCell(**{k: v for k, v in row.items() if k != "method"})
-
-                def on_cell(cell, name=name):
-                    store.put(needle_key(name, cell.length, cell.depth), {"method": name, **cell.to_dict()})
-
+                done, on_cell = store.grid(name, functools.partial(needle_key, name), NeedleCell)
                 needle_grid(evaluated, tokenizer, needle_lengths, depths, needles=args.needles, seed=args.seed,
                             done=done, on_cell=on_cell, desc=f"{name} needle")  # fmt: skip
             if harness_tasks:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 class CellStore:
@@ -36,3 +36,19 @@ class CellStore:
         part = self.path.with_name(self.path.name + ".part")
         part.write_text(json.dumps(self.cells, indent=1) + "\n", encoding="utf-8")
         os.replace(part, self.path)
+
+    def grid(self, method: str, key: Callable[[int, float], str], cell_type: type) -> tuple[Callable, Callable]:
+        """The ``done`` and ``on_cell`` callbacks of a (length, depth) grid of one method, over this store.
+
+        ``done(length, depth)`` rebuilds the finished cell as ``cell_type`` (None when it is not here);
+        ``on_cell(cell)`` saves a cell under ``key(cell.length, cell.depth)`` with the method's name.
+        """
+
+        def done(length: int, depth: float):
+            row = self.get(key(length, depth))
+            return None if row is None else cell_type(**{k: v for k, v in row.items() if k != "method"})
+
+        def on_cell(cell) -> None:
+            self.put(key(cell.length, cell.depth), {"method": method, **cell.to_dict()})
+
+        return done, on_cell

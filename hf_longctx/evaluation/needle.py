@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..patching import applied_sections
-from .passkey import Tokenizer, _common_prefix, first_number, greedy_continuation, prefix_sharing_check
+from .passkey import Tokenizer, first_number, greedy_continuation, prefix_sharing_check, reuse_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +188,7 @@ def needle_grid(
                     ids, answer_tokens = needle_prompt(tokenizer, hay, length, depth, needle)
                     prompt, answer = ids[:-answer_tokens], ids[-answer_tokens:]
                     if cache is not None:
-                        keep = min(_common_prefix(previous_ids, prompt), len(prompt) - 1)
-                        drop = cache.get_seq_length() - (keep if 2 * keep > len(prompt) else 0)
-                        if drop > 0:
-                            cache.crop(-drop)
+                        reuse_prefix(cache, previous_ids, prompt)
                         previous_ids = prompt
                     continuation = greedy_continuation(
                         model, torch.tensor([prompt], device=device), new_tokens=NEW_TOKENS, cache=cache

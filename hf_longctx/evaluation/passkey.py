@@ -149,6 +149,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def reuse_prefix(cache: DynamicCache, previous: list[int], prompt: list[int]) -> None:
+    """Crop ``cache``, the KV of ``previous``, to what ``prompt`` can reuse of it (see the module).
+
+    It keeps the common prefix when that is more than half of ``prompt`` (else nothing), and one
+    token of ``prompt`` at least stays new, so that its forward has a logit to continue from.
+    """
+    keep = min(_common_prefix(previous, prompt), len(prompt) - 1)
+    drop = cache.get_seq_length() - (keep if 2 * keep > len(prompt) else 0)
+    if drop > 0:
+        cache.crop(-drop)  # a negative count removes that many tokens (every transformers 5)
+
+
 def first_number(text: str) -> str:
     """The first run of digits in ``text`` ("" when there is none): the answer the protocol reads."""
     match = re.search(r"\d+", text)
@@ -221,11 +233,8 @@ def passkey_accuracy(
                         continue
                     ids, answer_tokens = passkey_prompt(tokenizer, length, depth, key)
                     prompt, answer = ids[:-answer_tokens], ids[-answer_tokens:]
-                    if cache is not None:  # keep what the previous prompt shares with this one; one token at least is new
-                        keep = min(_common_prefix(previous, prompt), len(prompt) - 1)
-                        drop = cache.get_seq_length() - (keep if 2 * keep > len(prompt) else 0)  # see the module
-                        if drop > 0:
-                            cache.crop(-drop)  # a negative count removes that many tokens (every transformers 5)
+                    if cache is not None:
+                        reuse_prefix(cache, previous, prompt)
                         previous = prompt
                     continuation = greedy_continuation(model, torch.tensor([prompt], device=device), cache=cache)
                     runs.setdefault((length, depth), []).append((continuation, answer))
