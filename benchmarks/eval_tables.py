@@ -78,18 +78,19 @@ def perplexity_table(groups: list[list[dict]]) -> str:
 
 
 def harness_table(rows: list[dict]) -> str:
+    """One row per (task, length) with any score, one column per method."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
-    header = [f"{t} {format_length(n)}" for n in lengths for t in tasks]
-    lines = ["| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
-    for m in _order(r["method"] for r in rows):
-        got = {(r["task"], r["length"]): r for r in rows if r["method"] == m}
-        cells = []
+    methods = _order(r["method"] for r in rows)
+    got = {(r["method"], r["task"], r["length"]): r for r in rows}
+    lines = ["| task | length | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for t in tasks:
         for n in lengths:
-            for t in tasks:
-                r = got.get((t, n))
-                cells.append("-" if r is None else ("n/a" if r["score"] is None else f"{r['score']:.2f}"))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            here = [got.get((m, t, n)) for m in methods]
+            if all(r is None for r in here):
+                continue
+            cells = ["-" if r is None else ("n/a" if r["score"] is None else f"{r['score']:.2f}") for r in here]
+            lines.append(f"| {t} | {format_length(n)} | " + " | ".join(cells) + " |")
     limits = sorted({str(r["limit"]) for r in rows})
     return f"lm-eval scores (0-1), --limit {', '.join(limits)} sample(s) per task and length\n\n" + "\n".join(lines)
 
