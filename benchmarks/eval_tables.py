@@ -8,6 +8,7 @@ the depths measured, with the per-depth scores), the effective length at 85.6, t
 lengths, the lm-eval scores per task and the passkey trials. A cell not yet measured is shown as "-".
 With --plots it also draws FOLDER/needle/needle-METHOD.png from every finished cell (blank: not measured),
 the dotted line after the --trained length, and needle-all.png with every method side by side.
+With --compact the lm-eval table has one row per task and one column per length (the README's form).
 """
 
 from __future__ import annotations
@@ -77,22 +78,44 @@ def perplexity_table(groups: list[list[dict]]) -> str:
     return "Perplexity of the same final tokens (ratio to the unpatched model at the longest length)\n\n" + "\n".join(lines)
 
 
-def harness_table(rows: list[dict]) -> str:
-    """One row per (task, length) with any score, one column per method."""
+def _score(row: dict | None, short: bool = False) -> str:
+    """A score to two decimals ("-" not measured, "n/a" no score); `short` drops trailing zeros (0.20 -> 0.2)."""
+    if row is None:
+        return "-"
+    if row["score"] is None:
+        return "n/a"
+    text = f"{row['score']:.2f}"
+    return text.rstrip("0").rstrip(".") if short else text
+
+
+def harness_table(rows: list[dict], compact: bool = False) -> str:
+    """One row per (task, length) with any score, one column per method.
+
+    With `compact`, one row per task and one column per length instead, every method's score in a cell
+    ("a · b · c" in the method order the caption names; "-" where not measured), for a README."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     methods = _order(r["method"] for r in rows)
     got = {(r["method"], r["task"], r["length"]): r for r in rows}
+    limits = sorted({str(r["limit"]) for r in rows})
+    caption = f"lm-eval scores (0-1), --limit {', '.join(limits)} sample(s) per task and length"
+    if compact:
+        lines = ["| task | " + " | ".join(format_length(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        for t in tasks:
+            cells = []
+            for n in lengths:
+                here = [got.get((m, t, n)) for m in methods]
+                cells.append("-" if all(r is None for r in here) else " · ".join(_score(r, short=True) for r in here))
+            lines.append(f"| `{t}` | " + " | ".join(cells) + " |")
+        return f"{caption}; each cell: {' · '.join(methods)}\n\n" + "\n".join(lines)
     lines = ["| task | length | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for t in tasks:
         for n in lengths:
             here = [got.get((m, t, n)) for m in methods]
             if all(r is None for r in here):
                 continue
-            cells = ["-" if r is None else ("n/a" if r["score"] is None else f"{r['score']:.2f}") for r in here]
-            lines.append(f"| {t} | {format_length(n)} | " + " | ".join(cells) + " |")
-    limits = sorted({str(r["limit"]) for r in rows})
-    return f"lm-eval scores (0-1), --limit {', '.join(limits)} sample(s) per task and length\n\n" + "\n".join(lines)
+            lines.append(f"| {t} | {format_length(n)} | " + " | ".join(_score(r) for r in here) + " |")
+    return f"{caption}\n\n" + "\n".join(lines)
 
 
 def passkey_table(rows: list[dict]) -> str:
@@ -163,6 +186,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--plots", action="store_true", help="draw the needle heatmaps from the cells")
     parser.add_argument("--trained", type=int, help="the model's trained length (dotted line on the heatmaps)")
     parser.add_argument("--title", default="needle in a haystack", help="title of the side-by-side figure")
+    parser.add_argument("--compact", action="store_true",
+                        help="lm-eval scores as one row per task, one column per length, every method in a cell")
     args = parser.parse_args(argv)
     root = Path(args.folder)
     needle = _cells(root / "needle" / "cells.json")
@@ -177,7 +202,7 @@ def main(argv: list[str]) -> None:
         print(perplexity_table(perplexity) + "\n")
     harness = _cells(root / "ruler" / "cells.json")
     if harness:
-        print(harness_table(harness) + "\n")
+        print(harness_table(harness, compact=args.compact) + "\n")
     passkey = root / "passkey" / "results.json"
     if passkey.is_file():
         print(passkey_table(json.loads(passkey.read_text()).get("passkey", [])) + "\n")
