@@ -211,7 +211,8 @@ def _geometry(b: int, n: int, m: int, pads: tuple[int, ...] | None):
                                         (70, 70, None)],
                          ids=["prefill", "prefill_padded", "decode", "decode_padded", "chunk", "prefill_70"])
 def test_fused_kernel_path_equals_the_cpu_path(section, n, m, pads, monkeypatch):
-    """The Triton kernel's path (CUDA's; the interpreter here) against the CPU path, float32, GQA 4 / 2."""
+    """The Triton kernel's path (CUDA's; the interpreter here) against the CPU paths, float32, GQA 4 / 2: one softmax
+    over every key, blocks, and for a decode step each pass over its slice of the keys."""
     from hf_longctx.extend.config import ExtendSpec
     from hf_longctx.extend.rules import passes
 
@@ -223,20 +224,23 @@ def test_fused_kernel_path_equals_the_cpu_path(section, n, m, pads, monkeypatch)
     q_pos, k_pos, key_valid = _geometry(b, n, m, pads)
     inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     outputs = {}
-    for form in ("fused", "single_pass", "blocks_of_7"):
+    forms = ("fused", "single_pass", "blocks_of_7") + (("sliced_decode",) if n == 1 else ())
+    for form in forms:
         with monkeypatch.context() as patch:
             patch.setattr(extend_attention, "FUSED", form == "fused")
+            patch.setattr(extend_attention, "SLICED_DECODE", form == "sliced_decode")
             if form.startswith("blocks"):
                 patch.setattr(extend_attention, "_SINGLE_PASS_ELEMENTS", 0)
                 patch.setattr(extend_attention, "BAND_AND_LAG", False)
                 patch.setattr(extend_attention, "BLOCK_SIZE", 7)
             outputs[form] = extend_attention.remapped_attention(query, key, value, q_pos, k_pos, key_valid, rules,
                                                                 inv_freq, scaling=d ** -0.5)
-    for form in ("single_pass", "blocks_of_7"):
+    for form in forms[1:]:
         error = ((outputs["fused"] - outputs[form]).abs().max() / outputs[form].abs().max()).item()
         assert error <= 1e-5, f"fused vs {form}: {error:.2g}"
     if pads is not None:  # pad query rows own no key: zeros, as on the CPU path
-        assert torch.equal(outputs["fused"] == 0, outputs["single_pass"] == 0)
+        for form in forms[1:]:
+            assert torch.equal(outputs["fused"] == 0, outputs[form] == 0), form
 
 
 def test_fused_path_builds_no_score_matrix(monkeypatch):
@@ -262,6 +266,33 @@ def test_fused_path_builds_no_score_matrix(monkeypatch):
     assert (window, window, True, None) in calls and (n - window, n - 1, True, window) in calls
     assert (n - window, n - window, True, None) in calls  # grouped pass: rows W .. n-1 over keys 0 .. n-W-1, causal
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("section", [SELF_EXTEND, DUAL_CHUNK], ids=["self_extend", "dual_chunk"])
+def test_decode_step_attends_each_key_once_without_a_score_matrix(section, monkeypatch):
+    """A decode step off the kernel path: one flash call per pass over the pass's own slice of the keys (they tile
+    the cache: every key read and re-rotated at most once), no GQA copy of the cache and no dense scores."""
+    from hf_longctx.extend.config import ExtendSpec
+    from hf_longctx.extend.rules import passes
+
+    slices, rotated = [], []
+    attend, rotate = extend_attention._attend_with_lse, extend_attention.rotate
+    monkeypatch.setattr(extend_attention, "_attend_with_lse",
+                        lambda q, k, v, bias, scaling: slices.append((k.shape[2], bias)) or attend(q, k, v, bias, scaling))
+    monkeypatch.setattr(extend_attention, "rotate", lambda x, d, f: rotated.append(x.shape[2]) or rotate(x, d, f))
+    monkeypatch.setattr(extend_attention, "_expand_heads", None)
+    monkeypatch.setattr(torch, "matmul", None)
+    m = 70
+    q_pos, k_pos, _ = _geometry(1, 1, m, None)
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = torch.randn(1, 4, 1, 16, generator=gen), *(torch.randn(1, 2, m, 16, generator=gen) for _ in "kv")
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    extend_attention.remapped_attention(query, key, value, q_pos, k_pos, None, passes(ExtendSpec(**section)), inv_freq,
+                                        scaling=0.25)
+    assert sum(n for n, _ in slices) == m and all(bias is None for _, bias in slices)
+    assert len(slices) == (2 if section is SELF_EXTEND else 3)
+    keys_rotated = [n for n in rotated if n > 1]  # the query (one row) is rotated per pass too
+    assert sum(keys_rotated) == (m - SELF_EXTEND["window"] if section is SELF_EXTEND else m)
 
 
 def test_unpatch_is_bit_identical():

@@ -17,8 +17,12 @@ without a mask; only irregular edges (padding, a chunk boundary inside a block) 
 Memory is O(BLOCK_SIZE x T) per call, never T x T. Self-Extend's plain prefill (no padding, N == M)
 needs no blocks at all: the neighbor pass is a sliding window (blocks of W rows folded into the
 batch: two calls) and the grouped pass one causal call of the queries from row W on over the keys
-up to N - W. A few queries (a decode step) take one pass: the scores of every key, each computed at
-its own pass's positions, in one softmax.
+up to N - W. One query per row (a decode step) owns one interval of keys in each pass: the pass
+re-rotates only that slice and runs the flash kernel over it without a mask (every key is rotated at
+most once, no ``[heads, keys]`` copy of the cache is made), and the passes merge by their log-sum-exps;
+a decode step costs a few times plain attention instead of some 30 times (a materialised score row of
+every head over every key, masked per pass). Other short inputs (a few queries, a short chunk) take
+one pass: the scores of every key, each computed at its own pass's positions, in one softmax.
 
 On CUDA (and on the CPU under Triton's interpreter when ``FUSED`` is set) every pass runs through the
 project's Triton flash kernel, which returns the log-sum-exp (:func:`_fused`): no ``[rows, keys]`` score
@@ -55,6 +59,7 @@ FUSED: bool | None = None
 _SINGLE_PASS_ELEMENTS = 1 << 22
 BLOCK_SIZE = 512  # query rows per call of the blocked form
 BAND_AND_LAG = True  # Self-Extend's prefill as a sliding window and one causal call (else the blocked form)
+SLICED_DECODE = True  # one query per row off the kernel path: each pass over its slice of the keys (else single pass)
 
 
 def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -269,6 +274,46 @@ def _single_pass(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, sc
     return torch.matmul(probs, _expand_heads(value, groups))
 
 
+def _suffix_valid(key_valid) -> list[int] | None:
+    """The first valid key of each row when every row's valid keys are one suffix (left padding), else None."""
+    if key_valid is None:
+        return None
+    firsts = []
+    for row in key_valid:
+        first = int(row.int().argmax()) if bool(row.any()) else row.shape[0]
+        if not bool(row[first:].all()):
+            return None
+        firsts.append(first)
+    return firsts
+
+
+def _sliced_decode(query, key, value, q_pos, k_pos, first_valid, rules, inv_freq, scaling):
+    """One query per row: each pass owns keys ``lo .. hi`` (positions), a slice of the cache; only that slice is
+    re-rotated, attended without a mask and merged with the other passes by the log-sum-exps."""
+    b, hq, _, d = query.shape
+    num_keys = key.shape[2]
+    out = torch.zeros_like(query)
+    for row in range(b):
+        first = 0 if first_valid is None else first_valid[row]
+        q_row, pos = q_pos[row:row + 1], k_pos[row:row + 1]
+        parts = []
+        for rule in rules:
+            lo, hi = rule.keys(q_row)
+            k0 = max(int(lo.max()) - int(pos[0, 0]), first, 0)  # key index = position - first key's position
+            k1 = min(int(hi.min()) - int(pos[0, 0]), num_keys - 1) + 1
+            if k0 >= k1:
+                continue
+            q_rule = _moved(query[row:row + 1], q_row, rule.query, inv_freq)
+            k_rule = _moved(key[row:row + 1, :, k0:k1], pos[:, k0:k1], rule.key, inv_freq)
+            parts.append(_attend_with_lse(q_rule, k_rule, value[row:row + 1, :, k0:k1], None, scaling))
+        if not parts:  # a row that owns no key: zeros
+            continue
+        lse = torch.logsumexp(torch.stack([part_lse.float() for _, part_lse in parts]), dim=0)
+        acc = sum(part.float() * torch.exp(part_lse.float() - lse)[..., None] for part, part_lse in parts)
+        out[row:row + 1] = acc.to(query.dtype)
+    return out
+
+
 def _runs(lo: np.ndarray, hi: np.ndarray):
     """Runs ``(r0, r1, lo_kind, hi_kind)`` of query rows ``r0 .. r1 - 1`` whose owned key indices ``lo``/``hi``
     ``[n]`` (inclusive, already clipped to the valid keys) each stay constant (``"const"``) or move by one key per
@@ -370,8 +415,12 @@ def remapped_attention(query, key, value, q_pos, k_pos, key_valid, rules, inv_fr
     n, m = query.shape[2], key.shape[2]
     band_and_lag = (len(rules) == 2 and rules[0].band is not None and rules[1].lag is not None and n == m
                     and key_valid is None and bool((q_pos == q_pos[:1]).all()))
+    first_valid = _suffix_valid(key_valid) if n == 1 and SLICED_DECODE else None
     if _use_fused(query):
         out = _fused(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling)
+    elif (n == 1 and SLICED_DECODE and (key_valid is None or first_valid is not None)
+          and not (torch.is_grad_enabled() and query.requires_grad)):
+        out = _sliced_decode(query, key, value, q_pos, k_pos, first_valid, rules, inv_freq, scaling)
     elif n * m <= _SINGLE_PASS_ELEMENTS:
         out = _single_pass(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling)
     elif band_and_lag and BAND_AND_LAG:
