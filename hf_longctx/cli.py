@@ -46,7 +46,8 @@ What each task measures:
 
 Time: a needle prompt, a RULER sample or a perplexity window is one forward pass of L tokens.
 SmolLM2-135M, float32, 2 CPU cores (AMD EPYC, AVX2): 8k, 1.0-1.7 min per prompt; 32k, 5.4-7.9 min
-(yarn fastest, dual chunk slowest); a RULER sample at 4k, 2-3.5 min (it generates up to 128 tokens).
+(yarn fastest, dual chunk slowest); a RULER sample at 4k, 2-3.5 min (it generates up to 128 tokens),
+at 16k 2-5 min, 6-19 min with self-extend or dual chunk (they re-rotate keys at every generated token).
 Attention makes longer L cost more than proportionally. Gemma 3's local layers: pass --kernels.
 
 Reading the heatmap (needle-METHOD.png): columns are lengths, rows depths (0% = needle at the
