@@ -82,6 +82,16 @@ def load_tokenizer(model_args: ModelArguments):
     return tokenizer
 
 
+def _modules_to_save(model: PreTrainedModel, suffixes) -> list[str] | None:
+    """The module names of ``model`` that end with one of ``suffixes`` ("norm": every ``*norm``).
+
+    peft up to 0.21 matched ``modules_to_save`` as suffixes of the module paths, so "norm" also took
+    ``input_layernorm``; since 0.22 an entry matches whole names only. Resolving the suffixes here trains the same
+    modules with either."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    return sorted(n for n in names if any(n.endswith(s) for s in suffixes)) or None
+
+
 def add_lora(model: PreTrainedModel, lora_args: LoraArguments):
     """Wrap ``model`` in a peft ``PeftModel`` with LoRA adapters (LongLoRA style ``modules_to_save``)."""
     from peft import LoraConfig, get_peft_model
@@ -91,7 +101,7 @@ def add_lora(model: PreTrainedModel, lora_args: LoraArguments):
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         target_modules=list(lora_args.lora_target_modules),
-        modules_to_save=list(lora_args.lora_modules_to_save) or None,
+        modules_to_save=_modules_to_save(model, list(lora_args.lora_modules_to_save)),
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
