@@ -415,11 +415,11 @@ def remapped_attention(query, key, value, q_pos, k_pos, key_valid, rules, inv_fr
     n, m = query.shape[2], key.shape[2]
     band_and_lag = (len(rules) == 2 and rules[0].band is not None and rules[1].lag is not None and n == m
                     and key_valid is None and bool((q_pos == q_pos[:1]).all()))
-    first_valid = _suffix_valid(key_valid) if n == 1 and SLICED_DECODE else None
+    first_valid = None  # read from key_valid only when the sliced decode is the path taken (no syncs elsewhere)
     if _use_fused(query):
         out = _fused(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling)
-    elif (n == 1 and SLICED_DECODE and (key_valid is None or first_valid is not None)
-          and not (torch.is_grad_enabled() and query.requires_grad)):
+    elif (n == 1 and SLICED_DECODE and not (torch.is_grad_enabled() and query.requires_grad)
+          and (key_valid is None or (first_valid := _suffix_valid(key_valid)) is not None)):
         out = _sliced_decode(query, key, value, q_pos, k_pos, first_valid, rules, inv_freq, scaling)
     elif n * m <= _SINGLE_PASS_ELEMENTS:
         out = _single_pass(query, key, value, q_pos, k_pos, key_valid, rules, inv_freq, scaling)
